@@ -1,0 +1,3 @@
+from fmask.cli import main
+
+main()

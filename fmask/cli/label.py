@@ -1,0 +1,27 @@
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from fmask.cli import app
+from fmask.cli.ui import done
+from fmask.label.step import run_label
+
+
+@app.command("label")
+def label_command(
+    query: Path = typer.Option(..., help="Selected-index JSON from `fmask query`."),
+    out: Path = typer.Option(..., help="The next labeled set (JSON) to write."),
+    labeled: Optional[Path] = typer.Option(None, help="Labeled set to extend (default: the one the query used)."),
+    answers: Optional[Path] = typer.Option(None, help="CSV of human answers: sample_id,label (default: the pool's ground truth)."),
+    pool: Optional[Path] = typer.Option(None, help="Pool directory (default: the one the query records)."),
+    force: bool = typer.Option(False, help="Rewrite even if the output exists with the same inputs."),
+) -> None:
+    """Add a query's selection to the labeled set, with oracle or human labels."""
+    result = run_label(query=query, out=out, labeled=labeled, answers=answers, pool_dir=pool, force=force)
+    if result.skipped:
+        done(f"labeled set {result.out} unchanged, skipped")
+        return
+    done(f"labeled set {result.out} written: +{result.added} labels, {len(result.data['ids'])} in all")
+    if result.unanswered:
+        done(f"{len(result.unanswered)} queried ids were not answered and stay unlabeled: {result.unanswered[:10]}")

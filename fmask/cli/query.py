@@ -1,0 +1,35 @@
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from fmask.cli import app
+from fmask.cli.ui import done, progress_callback
+from fmask.query.registry import list_strategies
+from fmask.query.step import run_query
+
+
+@app.command("query")
+def query_command(
+    ckpt: Path = typer.Option(..., help="Checkpoint from `fmask train`."),
+    out: Path = typer.Option(..., help="Selected-index JSON to write."),
+    strategy: str = typer.Option("random", help=f"One of: {', '.join(list_strategies())}."),
+    batch: int = typer.Option(..., help="How many samples to select."),
+    pool: Optional[Path] = typer.Option(None, help="Pool directory (default: the one the checkpoint records)."),
+    labeled: Optional[Path] = typer.Option(None, help="Labeled set (default: the one the checkpoint was trained on)."),
+    mask: Optional[Path] = typer.Option(None, help="Fisher mask from `fmask fisher` (fishermask)."),
+    seed: int = typer.Option(0, help="Seed for randomised strategies."),
+    lamb: float = typer.Option(1.0, help="Fisher-greedy prior strength λ (fishermask, bait)."),
+    backward_steps: bool = typer.Option(False, help="Oversample 2x then prune greedily (fishermask, bait)."),
+    float64: bool = typer.Option(False, help="Run the Fisher-greedy engine in float64."),
+    chunk_size: Optional[int] = typer.Option(None, help="Candidates per chunk in the selection engines (memory bound)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    force: bool = typer.Option(False, help="Rerun even if the output exists with the same inputs."),
+) -> None:
+    """Select the next batch from the unlabeled pool with a registered strategy."""
+    options = {"lamb": lamb, "backward_steps": backward_steps, "float64": float64, "chunk_size": chunk_size}
+    with progress_callback() as progress:
+        result = run_query(ckpt=ckpt, out=out, strategy=strategy, batch=batch, pool_dir=pool, labeled=labeled,
+                           mask=mask, seed=seed, device=device, options=options, force=force, progress=progress)
+    verb = "unchanged, skipped" if result.skipped else f"written in {result.data['seconds']:.2f} s"
+    done(f"query {result.out} {verb}: {len(result.data['selected'])} ids by {result.data['strategy']}")

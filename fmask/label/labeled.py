@@ -1,0 +1,97 @@
+"""Label state as data: a labeled-set JSON lists sample ids, their labels, the round that labeled each one and
+where each label came from (``oracle``: the pool's ground truth; ``human``: an annotator's answer)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from fmask.errors import FmaskError
+from fmask.io import FORMAT_VERSION, read_json, sha256_file
+
+SOURCES = ("initial", "oracle", "human")
+
+
+def initial_labeled_set(pool_hash: str, ids: np.ndarray, labels: np.ndarray, seed: int) -> dict:
+    n = len(ids)
+    return {"format": FORMAT_VERSION, "kind": "labeled", "pool": pool_hash, "round": 0, "strategy": "initial",
+            "seed": seed, "ids": [int(i) for i in ids], "labels": [int(y) for y in labels],
+            "rounds": [0] * n, "sources": ["initial"] * n}
+
+
+@dataclass
+class LabeledSet:
+    path: Path
+    data: dict
+    hash: str
+
+    @property
+    def ids(self) -> list[int]:
+        return self.data["ids"]
+
+    @property
+    def labels(self) -> list[int]:
+        return self.data["labels"]
+
+    @property
+    def round(self) -> int:
+        return int(self.data["round"])
+
+    @property
+    def strategy(self) -> str:
+        return self.data.get("strategy", "initial")
+
+    @property
+    def seed(self) -> int:
+        return int(self.data.get("seed", 0))
+
+
+def validate_labeled(data: dict, path: Path, pool) -> None:
+    """Refuse a labeled set that does not belong to ``pool`` or is inconsistent."""
+    keys = ("ids", "labels", "rounds", "sources", "pool", "round")
+    if data.get("kind") != "labeled" or any(key not in data for key in keys):
+        raise FmaskError(f"{path} is not an fmask labeled set; use pool/labeled.json or a file `fmask label` wrote")
+    ids, labels = data["ids"], data["labels"]
+    if not all(isinstance(v, list) for v in (ids, labels, data["rounds"], data["sources"])) or \
+            not len(ids) == len(labels) == len(data["rounds"]) == len(data["sources"]):
+        raise FmaskError(f"{path}: ids, labels, rounds and sources must be lists of equal length; rerun `fmask label`")
+    if data["pool"] != pool.hash:
+        raise FmaskError(f"labeled set {path} belongs to another pool (hash {str(data['pool'])[:12]}, this pool "
+                         f"{pool.hash[:12]}); use a labeled set made for {pool.dir}")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids + labels):
+        raise FmaskError(f"{path}: ids and labels must be integers; rerun `fmask label`")
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise FmaskError(f"labeled set {path} lists sample id {dup} twice; each id may be labeled once")
+    pool_ids = set(pool.ids)
+    outside = [i for i in ids if i not in pool_ids]
+    if outside:
+        raise FmaskError(f"labeled set {path} holds sample id {outside[0]} which is not in the pool; use ids from the pool")
+    bad = [y for y in labels if not 0 <= y < pool.num_classes]
+    if bad:
+        raise FmaskError(f"labeled set {path} has label {bad[0]} outside the pool's {pool.num_classes} classes")
+
+
+def load_labeled(path: str | os.PathLike, pool) -> LabeledSet:
+    path = Path(path)
+    data = read_json(path, what="labeled set", made_by="fmask build-pool` or `fmask label")
+    validate_labeled(data, path, pool)
+    return LabeledSet(path, data, sha256_file(path))
+
+
+def extend_labeled(previous: LabeledSet, ids: Sequence[int], labels: Sequence[int], *, round_: int, source: str,
+                   strategy: str, query_hash: str) -> dict:
+    """The next labeled set: the previous one plus ``ids`` labeled in ``round_``."""
+    data = dict(previous.data)
+    data.update(
+        ids=previous.ids + [int(i) for i in ids],
+        labels=previous.labels + [int(y) for y in labels],
+        rounds=previous.data["rounds"] + [round_] * len(ids),
+        sources=previous.data["sources"] + [source] * len(ids),
+        round=round_, strategy=strategy, query=query_hash, previous=previous.hash,
+    )
+    return data

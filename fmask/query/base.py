@@ -1,0 +1,91 @@
+"""The one selection contract every strategy follows.
+
+A strategy gets a :class:`QueryContext` (model, pool, labeled and candidate ids, device, seed, options)
+and returns a :class:`Selection`: exactly ``batch`` distinct candidate sample ids in selection order,
+never a labeled id, reproducible under ``ctx.seed``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+ProgressFn = Callable[[str, int, int], None]  # (task description, done, total)
+
+
+@dataclass
+class Selection:
+    ids: list[int]  # sample ids, in selection order
+    scores: list[float]  # the score each id had when it was picked (strategy-specific meaning)
+
+
+@dataclass
+class QueryContext:
+    model: nn.Module  # eval mode, on ``device``; has forward_features(x) and head (nn.Linear)
+    pool: Any  # fmask.pool.Pool: pool.inputs(ids) -> normalized float tensor (n, C, H, W)
+    labeled_ids: list[int]
+    unlabeled_ids: list[int]  # the candidates, ascending sample ids
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    mask: Any = None  # the loaded --mask file (fmask.fisher.MaskFile) or None
+    options: dict[str, Any] = field(default_factory=dict)  # lamb, float64, backward_steps, ...
+    batch_size: int = 256  # inference chunk size
+    progress: Optional[ProgressFn] = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def generator(self) -> torch.Generator:
+        """A fresh CPU generator seeded with ``seed``: the same seed gives the same draws."""
+        return torch.Generator().manual_seed(self.seed)
+
+    def report(self, task: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(task, done, total)
+
+    @torch.no_grad()
+    def forward(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (n, C), penultimate features (n, E)) for ``ids``, float32 on CPU, cached."""
+        key = ("forward", tuple(ids))
+        if key not in self._cache:
+            logits, feats = [], []
+            for start in range(0, len(ids), self.batch_size):
+                x = self.pool.inputs(ids[start : start + self.batch_size]).to(self.device)
+                h = self.model.forward_features(x)
+                logits.append(self.model.head(h).float().cpu())
+                feats.append(h.float().cpu())
+                self.report("forward pass", min(start + self.batch_size, len(ids)), len(ids))
+            n_cls = self.model.head.out_features
+            self._cache[key] = (
+                torch.cat(logits) if logits else torch.empty(0, n_cls),
+                torch.cat(feats) if feats else torch.empty(0, self.model.head.in_features),
+            )
+        return self._cache[key]
+
+    def probs(self) -> torch.Tensor:
+        """Softmax probabilities of the candidates (len(unlabeled_ids), C)."""
+        return torch.softmax(self.forward(self.unlabeled_ids)[0], dim=1)
+
+    def features(self, ids: Sequence[int]) -> torch.Tensor:
+        """Penultimate-layer embeddings (n, E) of ``ids``."""
+        return self.forward(ids)[1]
+
+
+class Strategy(ABC):
+    """Base class of all strategies; ``name`` is set by ``@register_strategy``."""
+
+    name: str = ""
+    needs_mask: bool = False  # True: ``fmask query`` refuses to run without --mask
+
+    @abstractmethod
+    def select(self, ctx: QueryContext, batch: int) -> Selection:
+        """Pick ``batch`` distinct ids from ``ctx.unlabeled_ids``."""
+
+
+def top_scores(ctx: QueryContext, scores: torch.Tensor, batch: int) -> Selection:
+    """Highest ``scores`` first (aligned with ctx.unlabeled_ids); ties go to the lowest sample id."""
+    # A stable sort on -score keeps ascending-id order among equal scores.
+    order = torch.sort(-scores.double(), stable=True).indices[:batch].tolist()
+    return Selection(ids=[ctx.unlabeled_ids[i] for i in order], scores=[float(scores[i]) for i in order])

@@ -1,0 +1,105 @@
+"""``fmask query``: load the checkpoint, its pool and labeled set, run a registered strategy over the unlabeled
+pool and write the selected-index JSON (sample ids in selection order, scores, timing, input hashes)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from fmask import __version__
+from fmask.device import resolve_device
+from fmask.errors import FmaskError
+from fmask.io import FORMAT_VERSION, STEP_KEY, atomic_write_json, check_writable, read_json, sha256_file, step_is_current
+from fmask.label.labeled import load_labeled
+from fmask.pool.pool import load_pool
+from fmask.query.base import ProgressFn, QueryContext
+from fmask.query.registry import get_strategy
+from fmask.train.checkpoint import load_checkpoint
+
+QUERY = "fmask query"
+
+
+@dataclass
+class QueryResult:
+    out: Path
+    skipped: bool
+    data: dict
+
+
+def check_selection(selected: list[int], candidates: list[int], batch: int, strategy: str) -> None:
+    """The selection contract, enforced for every strategy (a violation is a bug, not bad input)."""
+    candidate_set = set(candidates)
+    if len(selected) != batch or len(set(selected)) != batch or not all(i in candidate_set for i in selected):
+        raise RuntimeError(f"strategy {strategy!r} broke the selection contract: {len(selected)} ids for batch {batch}")
+
+
+def run_query(*, ckpt: str | os.PathLike, out: str | os.PathLike, strategy: str, batch: int,
+              pool_dir: Optional[str | os.PathLike] = None, labeled: Optional[str | os.PathLike] = None,
+              mask: Optional[str | os.PathLike] = None, seed: int = 0, device: str = "auto",
+              options: Optional[dict[str, Any]] = None, batch_size: int = 256, force: bool = False,
+              progress: Optional[ProgressFn] = None) -> QueryResult:
+    out, options = Path(out), dict(options or {})
+    chosen = get_strategy(strategy)
+    if batch <= 0:
+        raise FmaskError(f"--batch {batch} must be positive")
+    checkpoint = load_checkpoint(ckpt)
+    pool_dir = Path(pool_dir) if pool_dir is not None else Path(checkpoint.pool_dir)
+    pool = load_pool(pool_dir)
+    if pool.hash != checkpoint.pool_hash:
+        raise FmaskError(f"checkpoint {ckpt} was trained on another pool (hash {checkpoint.pool_hash[:12]}, "
+                         f"{pool_dir} has {pool.hash[:12]}); pass the --pool it was trained on")
+    labeled_path = Path(labeled) if labeled is not None else Path(checkpoint.labeled_path)
+    labeled_set = load_labeled(labeled_path, pool)
+    labeled_ids = set(labeled_set.ids)
+    candidates = [i for i in pool.ids if i not in labeled_ids]
+    if batch > len(candidates):
+        raise FmaskError(f"--batch {batch} is larger than the unlabeled pool ({len(candidates)} samples); lower --batch")
+    mask_file, mask_hash = None, None
+    if mask is not None:
+        from fmask.fisher import load_mask
+
+        mask_file = load_mask(mask, checkpoint_hash=checkpoint.hash)
+        mask_hash = sha256_file(mask)
+    if chosen.needs_mask and mask_file is None:
+        raise FmaskError(f"strategy {strategy!r} needs --mask (run `fmask fisher --ckpt {ckpt} --out MASK` first)")
+    inputs = {"checkpoint": checkpoint.hash, "pool": pool.hash, "labeled": labeled_set.hash, "mask": mask_hash}
+    step = {"inputs": inputs, "strategy": strategy, "batch": batch, "seed": seed, "options": options}
+    if not force and step_is_current(out, step):
+        return QueryResult(out, True, read_json(out, what="query", made_by=QUERY))
+    check_writable(out)
+
+    torch_device = resolve_device(device)
+    context = QueryContext(model=checkpoint.model.to(torch_device), pool=pool, labeled_ids=list(labeled_set.ids),
+                           unlabeled_ids=candidates, device=torch_device, seed=seed, mask=mask_file, options=options,
+                           batch_size=batch_size, progress=progress)
+    started = time.perf_counter()
+    selection = chosen.select(context, batch)
+    seconds = time.perf_counter() - started
+    check_selection(selection.ids, candidates, batch, strategy)
+    data = {
+        "format": FORMAT_VERSION, "kind": "query", "fmask_version": __version__, "strategy": strategy,
+        "batch": batch, "seed": seed, "round": labeled_set.round + 1, "selected": [int(i) for i in selection.ids],
+        "scores": [float(s) for s in selection.scores], "seconds": seconds, "options": options,
+        "inputs": inputs, "checkpoint_path": str(Path(ckpt).resolve()), "pool_dir": str(pool_dir.resolve()),
+        "labeled_path": str(labeled_path.resolve()), STEP_KEY: step,
+    }
+    atomic_write_json(out, data)
+    return QueryResult(out, False, data)
+
+
+def load_query(path: str | os.PathLike) -> dict:
+    data = read_json(path, what="query", made_by=QUERY)
+    keys = ("selected", "strategy", "round", "inputs", "pool_dir", "labeled_path")
+    if data.get("kind") != "query" or any(key not in data for key in keys):
+        raise FmaskError(f"{path} is not an fmask query file; pass the JSON `{QUERY}` wrote")
+    selected = data["selected"]
+    if not isinstance(selected, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in selected):
+        raise FmaskError(f"query {path}: 'selected' must be a list of sample ids; rerun `{QUERY}`")
+    if len(set(selected)) != len(selected):
+        raise FmaskError(f"query {path} selects a sample id twice; rerun `{QUERY}`")
+    return data

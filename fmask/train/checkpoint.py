@@ -1,0 +1,101 @@
+"""Checkpoints: a plain dict of tensors and primitives (loads with ``torch.load(weights_only=True)``) carrying
+the format version, the architecture, the config, the metrics and the provenance (pool and labeled set)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fmask.errors import FmaskError
+from fmask.io import FORMAT_VERSION, STEP_KEY, atomic_torch_save, read_torch, sha256_file
+from fmask.train.models import build_model
+
+TRAIN = "fmask train"
+
+
+def save_checkpoint(path: Path, *, model: nn.Module, config: Any, pool: Any, labeled_set: Any, metrics: dict,
+                    step: dict, fmask_version: str) -> None:
+    state = {
+        "format": FORMAT_VERSION, "kind": "checkpoint", "fmask_version": fmask_version,
+        "arch": config.model, "in_channels": pool.image_shape[0], "num_classes": pool.num_classes,
+        "image_shape": list(pool.image_shape), "normalization": pool.manifest["normalization"],
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "config": asdict(config),
+        "pool_dir": str(Path(pool.dir).resolve()), "pool_hash": pool.hash,
+        "labeled_path": str(Path(labeled_set.path).resolve()), "labeled_hash": labeled_set.hash,
+        "labeled_ids": list(labeled_set.ids), "round": labeled_set.round, "strategy": labeled_set.strategy,
+        "seed": labeled_set.seed, "metrics": metrics, STEP_KEY: step,
+    }
+    atomic_torch_save(path, state)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    hash: str  # sha256 of the file: masks and queries record it
+    state: dict
+    model: nn.Module  # eval mode, on CPU
+
+    @property
+    def arch(self) -> str:
+        return self.state["arch"]
+
+    @property
+    def metrics(self) -> dict:
+        return self.state["metrics"]
+
+    @property
+    def pool_dir(self) -> str:
+        return self.state["pool_dir"]
+
+    @property
+    def pool_hash(self) -> str:
+        return self.state["pool_hash"]
+
+    @property
+    def labeled_path(self) -> str:
+        return self.state["labeled_path"]
+
+    @property
+    def labeled_hash(self) -> str:
+        return self.state["labeled_hash"]
+
+    @property
+    def labeled_ids(self) -> list[int]:
+        return self.state["labeled_ids"]
+
+
+REQUIRED = ("kind", "arch", "in_channels", "num_classes", "state_dict", "pool_hash", "pool_dir", "labeled_hash",
+            "labeled_path", "labeled_ids", "metrics")
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    path = Path(path)
+    state = read_torch(path, what="checkpoint", made_by=TRAIN)
+    if state.get("kind") != "checkpoint" or any(key not in state for key in REQUIRED):
+        raise FmaskError(f"{path} is not an fmask checkpoint; pass a .pt written by `{TRAIN}`")
+    if state.get("format", 0) > FORMAT_VERSION:
+        raise FmaskError(f"checkpoint {path} was written by a newer fmask (format {state['format']}); upgrade fmask")
+    weights = state["state_dict"]
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise FmaskError(f"checkpoint {path} has a malformed state_dict; retrain with `{TRAIN}`")
+    bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise FmaskError(f"checkpoint {path} has NaN or infinite weights in {bad}; retrain with `{TRAIN}`")
+    model = build_model(state["arch"], in_channels=int(state["in_channels"]), num_classes=int(state["num_classes"]))
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise FmaskError(f"checkpoint {path} does not match architecture {state['arch']!r}; retrain with `{TRAIN}`") from exc
+    model.eval()
+    return Checkpoint(path, sha256_file(path), state, model)
+
+
+def load_model(path: str | os.PathLike) -> nn.Module:
+    """The checkpoint's model in eval mode, on CPU (the notebook entry point)."""
+    return load_checkpoint(path).model

@@ -1,0 +1,41 @@
+"""The metrics CSV beside checkpoints: one row per trained checkpoint, which `fmask plot` reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from fmask import paths
+from fmask.io import atomic_write_bytes
+
+COLUMNS = ["checkpoint", "strategy", "seed", "train_seed", "round", "labeled", "accuracy", "balanced_accuracy",
+           "train_accuracy", "epochs", "train_seconds", "per_class_accuracy", "labeled_counts"]
+
+
+def record_metrics(checkpoint: Path, *, labeled_set, metrics: dict, train_seed: int | None = None) -> None:
+    """Insert or replace the row of ``checkpoint`` in the metrics CSV of its directory."""
+    csv_path = paths.metrics_csv(checkpoint)
+    counts = [0] * len(metrics["per_class_accuracy"])
+    for label in labeled_set.labels:
+        counts[label] += 1
+    row = {
+        "checkpoint": Path(checkpoint).name, "strategy": labeled_set.strategy, "seed": labeled_set.seed,
+        "train_seed": train_seed if train_seed is not None else "", "round": labeled_set.round,
+        "labeled": len(labeled_set.ids), "accuracy": metrics["accuracy"],
+        "balanced_accuracy": metrics["balanced_accuracy"], "train_accuracy": metrics.get("train_accuracy"),
+        "epochs": metrics.get("epochs"), "train_seconds": metrics.get("train_seconds"),
+        "per_class_accuracy": json.dumps(metrics["per_class_accuracy"]), "labeled_counts": json.dumps(counts),
+    }
+    table = read_metrics(csv_path)
+    table = table[table["checkpoint"] != row["checkpoint"]] if len(table) else table
+    table = pd.concat([table, pd.DataFrame([row], columns=COLUMNS)], ignore_index=True) if len(table) \
+        else pd.DataFrame([row], columns=COLUMNS)
+    atomic_write_bytes(csv_path, table.to_csv(index=False).encode())
+
+
+def read_metrics(csv_path: Path) -> pd.DataFrame:
+    if not Path(csv_path).is_file():
+        return pd.DataFrame(columns=COLUMNS)
+    return pd.read_csv(csv_path)

@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny imbalanced digits pool and a quickly trained small-CNN checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fmask.cli import app
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED_CIFAR10 = SHARED / "datasets" / "cifar10"
+TINY_COUNTS = "8,8,8,8,8,8,8,8,8,40"  # 112 pool samples, nine small classes and one large
+
+
+def invoke(*args: str):
+    """Run the CLI in-process; returns the click Result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every file below ``directory`` with its content hash: 'byte-for-byte unchanged' checks."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A pool, a round-0 checkpoint (cnn, few epochs) in a session directory; tests copy it before changing it."""
+    root = tmp_path_factory.mktemp("tiny")
+    result = invoke("build-pool", "--dataset", "digits", "--class-counts", TINY_COUNTS, "--initial", "20",
+                    "--seed", "0", "--test-per-class", "10", "--out", root / "pool")
+    assert result.exit_code == 0, result.output
+    result = invoke("train", "--pool", root / "pool", "--model", "cnn", "--epochs", "3", "--batch-size", "16",
+                    "--device", "cpu", "--out", root / "round0.pt")
+    assert result.exit_code == 0, result.output
+    return root
+
+
+@pytest.fixture
+def run_dir(tiny_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny run (checkpoint provenance still points at the shared pool)."""
+    target = tmp_path / "run"
+    shutil.copytree(tiny_run, target)
+    return target
