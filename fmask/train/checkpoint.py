@@ -3,6 +3,7 @@ the format version, the architecture, the config, the metrics and the provenance
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,13 +19,25 @@ from fmask.train.models import build_model
 TRAIN = "fmask train"
 
 
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """Content hash of the weights: a flipped bit inside the zip (which torch does not check) is caught on load."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: Path, *, model: nn.Module, config: Any, pool: Any, labeled_set: Any, metrics: dict,
                     step: dict, fmask_version: str) -> None:
     state = {
         "format": FORMAT_VERSION, "kind": "checkpoint", "fmask_version": fmask_version,
         "arch": config.model, "in_channels": pool.image_shape[0], "num_classes": pool.num_classes,
         "image_shape": list(pool.image_shape), "normalization": pool.manifest["normalization"],
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "state_dict": (weights := {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}),
+        "weights_sha256": weights_sha256(weights),
         "config": asdict(config),
         "pool_dir": str(Path(pool.dir).resolve()), "pool_hash": pool.hash,
         "labeled_path": str(Path(labeled_set.path).resolve()), "labeled_hash": labeled_set.hash,
@@ -84,6 +97,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     weights = state["state_dict"]
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise FmaskError(f"checkpoint {path} has a malformed state_dict; retrain with `{TRAIN}`")
+    if state.get("weights_sha256") != weights_sha256(weights):
+        raise FmaskError(f"checkpoint {path} is corrupt (its weights do not match their recorded hash); retrain with `{TRAIN}`")
     bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
         raise FmaskError(f"checkpoint {path} has NaN or infinite weights in {bad}; retrain with `{TRAIN}`")
