@@ -6,7 +6,7 @@ import typer
 from fmask.cli import app
 from fmask.cli.ui import done, print_table, progress_callback
 from fmask.plot.plot import summary_for_display
-from fmask.run.demo import DemoConfig, run_demo
+from fmask.run.demo import demo_config, run_demo
 
 
 @app.command("demo")
@@ -19,11 +19,11 @@ def demo_command(
     device: str = typer.Option("cpu", help="auto | cpu | cuda"),
 ) -> None:
     """Imbalanced AL comparison of the strategies on the bundled digits, ending with plot and table."""
-    config = DemoConfig(seeds=tuple(range(seeds)), rounds=rounds, batch=batch, device=device,
-                        strategies=[s.strip() for s in strategies.split(",")] if strategies else None)
+    config = demo_config(seeds=seeds, rounds=rounds, batch=batch, device=device,
+                         strategies=[s.strip() for s in strategies.split(",")] if strategies else None)
     with progress_callback() as progress:
         result = run_demo(out=out, config=config, progress=progress,
-                          on_chain=lambda what, done_, total: progress(f"demo: {what}", done_, total))
+                          on_step=lambda what, done_, total: progress(f"demo: {what}", done_, total))
     print_table(summary_for_display(result.summary), "Demo: digits, 9 small classes + 1 large (mean ± std over seeds)")
     for figure in result.figures:
         done(f"figure {figure}")

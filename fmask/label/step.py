@@ -1,9 +1,9 @@
 """``fmask label``: turn a query's selection into the next labeled set, with labels from the pool's ground truth
-(the simulated oracle) or from a CSV of human answers (``sample_id,label``; label by index or class name)."""
+(the simulated oracle) or from human answers (a ``sample_id,label`` CSV or a Label Studio JSON export, read by
+:mod:`fmask.label.answers`). A run keeps to one label source unless mixing is asked for explicitly."""
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +11,8 @@ from typing import Optional
 
 from fmask.errors import FmaskError
 from fmask.io import STEP_KEY, atomic_write_json, check_writable, sha256_file, step_is_current
-from fmask.label.labeled import extend_labeled, load_labeled
+from fmask.label.answers import read_answers  # noqa: F401  (re-exported: its historical home)
+from fmask.label.labeled import LabeledSet, extend_labeled, load_labeled
 from fmask.pool.pool import load_pool
 from fmask.query.step import load_query
 
@@ -23,45 +24,27 @@ class LabelResult:
     added: int
     unanswered: list[int]
     data: dict
+    source: str = "oracle"  # where this round's labels came from: "oracle" or "human"
 
 
-def read_answers(path: Path, classes: list[str], allowed_ids: set[int]) -> dict[int, int]:
-    """``sample_id,label`` rows -> {id: class index}; refuses unknown ids, unknown classes and conflicts."""
-    if not path.is_file():
-        raise FmaskError(f"answers file {path} does not exist; give a CSV with columns sample_id,label")
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise FmaskError(f"answers file {path} is not a readable CSV ({exc}); save it as UTF-8 CSV") from exc
-    if rows and not {"sample_id", "label"} <= set(rows[0].keys() if rows[0] else ()):
-        raise FmaskError(f"answers file {path} needs a header row 'sample_id,label'")
-    by_name = {name: index for index, name in enumerate(classes)}
-    answers: dict[int, int] = {}
-    for line, row in enumerate(rows, start=2):
-        raw_id, raw_label = (row.get("sample_id") or "").strip(), (row.get("label") or "").strip()
-        try:
-            sample_id = int(raw_id)
-        except ValueError:
-            raise FmaskError(f"{path}:{line}: sample_id {raw_id!r} is not an integer") from None
-        if sample_id not in allowed_ids:
-            raise FmaskError(f"{path}:{line}: sample id {sample_id} is not in the query; answer only queried ids")
-        if raw_label in by_name:
-            label = by_name[raw_label]
-        elif raw_label.lstrip("-").isdigit() and 0 <= int(raw_label) < len(classes):
-            label = int(raw_label)
-        else:
-            raise FmaskError(f"{path}:{line}: unknown label {raw_label!r}; use a class index 0-{len(classes) - 1} "
-                             f"or a name from {classes}")
-        if answers.get(sample_id, label) != label:
-            raise FmaskError(f"{path}:{line}: sample id {sample_id} has conflicting answers; keep one label per id")
-        answers[sample_id] = label
-    return answers
+def check_one_source(previous: LabeledSet, source: str, allow_mixed_sources: bool) -> None:
+    """Refuse a round whose label source (oracle or human) differs from the earlier rounds', unless asked for:
+    a simulated round slipped into a real annotation run (or the reverse) would silently change the experiment."""
+    earlier = {s for s in previous.data["sources"] if s in ("oracle", "human")}  # "initial" came with the pool
+    if allow_mixed_sources or not earlier - {source}:
+        return
+    if source == "oracle":
+        raise FmaskError(f"labeled set {previous.path} holds human labels from earlier rounds but no --answers was "
+                         "given, so the simulated oracle would label this round; pass --answers FILE, or "
+                         "--allow-mixed-sources to mix oracle and human labels on purpose")
+    raise FmaskError(f"labeled set {previous.path} holds simulated-oracle labels from earlier rounds but --answers "
+                     "gives human labels; keep to one source, or pass --allow-mixed-sources to mix them on purpose")
 
 
 def run_label(*, query: str | os.PathLike, out: str | os.PathLike, labeled: Optional[str | os.PathLike] = None,
               answers: Optional[str | os.PathLike] = None, pool_dir: Optional[str | os.PathLike] = None,
-              force: bool = False) -> LabelResult:
+              force: bool = False, allow_mixed_sources: bool = False) -> LabelResult:
+    """Write the next labeled set: ``previous`` plus the query's ids, labeled by the oracle or by ``answers``."""
     out = Path(out)
     query_data = load_query(query)
     pool = load_pool(pool_dir if pool_dir is not None else query_data["pool_dir"])
@@ -77,22 +60,24 @@ def run_label(*, query: str | os.PathLike, out: str | os.PathLike, labeled: Opti
         raise FmaskError(f"sample id {min(overlap)} of the query is already labeled in {labeled_path}; "
                          "pass the labeled set the query used")
     pool.rows(selected)  # refuses ids outside the pool
+    source = "human" if answers is not None else "oracle"
+    check_one_source(previous, source, allow_mixed_sources)
     step = {"query": sha256_file(query), "labeled": previous.hash,
             "answers": sha256_file(answers) if answers is not None and Path(answers).is_file() else None}
     if not force and step_is_current(out, step):
         from fmask.io import read_json
 
-        return LabelResult(out, True, 0, [], read_json(out, what="labeled set", made_by="fmask label"))
+        return LabelResult(out, True, 0, [], read_json(out, what="labeled set", made_by="fmask label"), source)
     if answers is not None:
         given = read_answers(Path(answers), pool.classes, set(selected))
         ids = [i for i in selected if i in given]
-        labels, source = [given[i] for i in ids], "human"
+        labels = [given[i] for i in ids]
         unanswered = [i for i in selected if i not in given]
     else:
-        ids, labels, source, unanswered = list(selected), pool.labels(selected).tolist(), "oracle", []
+        ids, labels, unanswered = list(selected), pool.labels(selected).tolist(), []
     check_writable(out)
     data = extend_labeled(previous, ids, labels, round_=int(query_data["round"]), source=source,
                           strategy=query_data["strategy"], query_hash=step["query"])
     data[STEP_KEY] = step
     atomic_write_json(out, data)
-    return LabelResult(out, False, len(ids), unanswered, data)
+    return LabelResult(out, False, len(ids), unanswered, data, source)

@@ -3,6 +3,7 @@ curves with mean ± std bands over seeds, and summarise final accuracy and area 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,34 +57,81 @@ def area_under_curve(labeled: np.ndarray, accuracy: np.ndarray) -> float:
     return float(np.trapezoid(accuracy, labeled) / (labeled[-1] - labeled[0]))
 
 
-def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    per_run = []
-    for (strategy, run), rows in runs.groupby(["strategy", "run"], sort=True):
-        rows = rows.sort_values("labeled")
-        per_run.append({"strategy": strategy, "run": run, "final_accuracy": rows["accuracy"].iloc[-1],
-                        "final_balanced_accuracy": rows["balanced_accuracy"].iloc[-1],
-                        "auc": area_under_curve(rows["labeled"].to_numpy(float), rows["accuracy"].to_numpy(float)),
-                        "final_labeled": rows["labeled"].iloc[-1], "rounds": len(rows)})
-    table = pd.DataFrame(per_run)
-    summary = table.groupby("strategy").agg(
+def labels_to_reach(labeled: np.ndarray, accuracy: np.ndarray, target: float) -> float:
+    """The first labeled count whose accuracy reaches ``target`` (NaN when never reached)."""
+    reached = np.flatnonzero(accuracy >= target)
+    return float(labeled[reached[0]]) if len(reached) else float("nan")
+
+
+def per_run_table(runs: pd.DataFrame, target: float) -> pd.DataFrame:
+    rows = []
+    for (strategy, run), group in runs.groupby(["strategy", "run"], sort=True):
+        group = group.sort_values("labeled")
+        labeled, accuracy = group["labeled"].to_numpy(float), group["accuracy"].to_numpy(float)
+        rows.append({"strategy": strategy, "run": run, "seed": group["seed"].iloc[0],
+                     "final_accuracy": accuracy[-1], "final_balanced_accuracy": group["balanced_accuracy"].iloc[-1],
+                     "auc": area_under_curve(labeled, accuracy), "final_labeled": labeled[-1],
+                     "labels_to_target": labels_to_reach(labeled, accuracy, target), "rounds": len(group)})
+    return pd.DataFrame(rows)
+
+
+def default_target(per_run: pd.DataFrame) -> float:
+    """What random sampling reaches at the end (mean over seeds): "labels to match random's final accuracy"."""
+    reference = per_run[per_run["strategy"] == "random"]
+    reference = reference if len(reference) else per_run
+    return float(reference["final_accuracy"].mean())
+
+
+def summarize(runs: pd.DataFrame, target: Optional[float] = None) -> pd.DataFrame:
+    """Per strategy: final accuracy, AUC and labels to reach ``target``, each mean and std over runs, and the
+    paired AUC difference against random on the same seeds (mean, std, wins)."""
+    per_run = per_run_table(runs, target if target is not None else 0.0)
+    target = default_target(per_run) if target is None else target
+    per_run = per_run_table(runs, target)
+    summary = per_run.groupby("strategy").agg(
         runs=("run", "count"), final_labeled=("final_labeled", "max"),
         final_accuracy_mean=("final_accuracy", "mean"), final_accuracy_std=("final_accuracy", "std"),
         balanced_accuracy_mean=("final_balanced_accuracy", "mean"),
         balanced_accuracy_std=("final_balanced_accuracy", "std"),
-        auc_mean=("auc", "mean"), auc_std=("auc", "std"))
-    return summary.fillna(0.0).sort_values("auc_mean", ascending=False).reset_index()
+        auc_mean=("auc", "mean"), auc_std=("auc", "std"),
+        labels_to_target_mean=("labels_to_target", "mean"), labels_to_target_std=("labels_to_target", "std"),
+        reached_target=("labels_to_target", lambda v: int(v.notna().sum())))
+    summary["target_accuracy"] = target
+    random_auc = per_run[per_run["strategy"] == "random"].groupby("seed")["auc"].mean()
+    paired = []
+    for strategy in summary.index:
+        mine = per_run[per_run["strategy"] == strategy].groupby("seed")["auc"].mean()
+        common = mine.index.intersection(random_auc.index)
+        diff = (mine[common] - random_auc[common]).to_numpy(float)
+        paired.append((diff.mean() if len(diff) else np.nan, diff.std(ddof=1) if len(diff) > 1 else np.nan,
+                       int((diff > 0).sum()), len(diff)))
+    summary["auc_vs_random_mean"] = [p[0] for p in paired]
+    summary["auc_vs_random_std"] = [p[1] for p in paired]
+    summary["wins_vs_random"] = [p[2] for p in paired]
+    summary["paired_seeds"] = [p[3] for p in paired]
+    stds = [c for c in summary.columns if c.endswith("_std")]
+    summary[stds] = summary[stds].fillna(0.0)
+    return summary.sort_values("auc_mean", ascending=False).reset_index()
 
 
 def summary_for_display(summary: pd.DataFrame) -> pd.DataFrame:
     """The summary with "mean ± std" cells, for a table people read at a glance."""
-    def pm(mean: pd.Series, std: pd.Series) -> list[str]:
-        return [f"{m:.3f} ± {s:.3f}" for m, s in zip(mean, std)]
+    def pm(mean: pd.Series, std: pd.Series, fmt: str = "{:.3f}") -> list[str]:
+        return [("—" if m != m else f"{fmt.format(m)} ± {fmt.format(s)}") for m, s in zip(mean, std)]
 
+    target = summary["target_accuracy"].iloc[0] if len(summary) else float("nan")
+    vs_random = [("—" if m != m or strategy == "random" else f"{m:+.3f} ({w}/{n} won)")
+                 for strategy, m, w, n in zip(summary["strategy"], summary["auc_vs_random_mean"],
+                                              summary["wins_vs_random"], summary["paired_seeds"])]
     return pd.DataFrame({
-        "strategy": summary["strategy"], "runs": summary["runs"], "labels": summary["final_labeled"],
+        "strategy": summary["strategy"], "runs": summary["runs"], "labels": summary["final_labeled"].astype(int),
         "final accuracy": pm(summary["final_accuracy_mean"], summary["final_accuracy_std"]),
-        "balanced accuracy": pm(summary["balanced_accuracy_mean"], summary["balanced_accuracy_std"]),
+        "balanced": pm(summary["balanced_accuracy_mean"], summary["balanced_accuracy_std"]),
         "AUC": pm(summary["auc_mean"], summary["auc_std"]),
+        f"labels to {target:.3f}": [f"{t} ({r}/{n})" for t, r, n in zip(
+            pm(summary["labels_to_target_mean"], summary["labels_to_target_std"], "{:.0f}"),
+            summary["reached_target"], summary["runs"])],
+        "AUC vs random": vs_random,
     })
 
 
@@ -111,7 +159,106 @@ def plot_learning_curves(runs: pd.DataFrame, path: Path, metric: str = "accuracy
     plt.close(fig)
 
 
-def run_plot(*, results_dir: str | os.PathLike, out_dir: Optional[str | os.PathLike] = None) -> PlotResult:
+def plot_class_picks(runs: pd.DataFrame, classes: Optional[list[str]], path: Path) -> None:
+    """Per strategy, the samples of each class picked in each round (mean over seeds): the imbalance story."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    strategies = sorted(runs["strategy"].unique())
+    n_cols = min(3, len(strategies))
+    n_rows = (len(strategies) + n_cols - 1) // n_cols
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.2 * n_rows), dpi=110, squeeze=False,
+                             sharey=True)
+    for ax, strategy in zip(axes.flat, strategies):
+        picks = []
+        for _, group in runs[runs["strategy"] == strategy].groupby("run"):
+            counts = np.array([json.loads(c) for c in group.sort_values("round")["labeled_counts"]], dtype=float)
+            rounds = group.sort_values("round")["round"].to_numpy()
+            picks.append(pd.DataFrame(np.diff(counts, axis=0), index=rounds[1:]))
+        if not picks or all(p.empty for p in picks):
+            ax.set_title(f"{strategy}: no query rounds")
+            continue
+        mean_picks = pd.concat(picks).groupby(level=0).mean()
+        bottom = np.zeros(len(mean_picks))
+        cmap = plt.get_cmap("tab10")
+        for cls in mean_picks.columns:
+            label = classes[cls] if classes and cls < len(classes) else str(cls)
+            ax.bar(mean_picks.index, mean_picks[cls], bottom=bottom, color=cmap(cls % 10), label=label)
+            bottom += mean_picks[cls].to_numpy()
+        ax.set_title(strategy)
+        ax.set_xticks(mean_picks.index)
+        ax.set_xlabel("round")
+        ax.set_ylabel("samples picked per class")
+    for ax in list(axes.flat)[len(strategies):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(10, len(labels)), fontsize=7)
+    fig.suptitle("Class of every picked sample, per round (mean over seeds)")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def plot_step_times(timings: pd.DataFrame, path: Path) -> None:
+    """Mean seconds per step (fisher, query, label, train) for every strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = timings[timings["strategy"] != "-"].pivot_table(index="strategy", columns="step", values="seconds",
+                                                           aggfunc="mean").fillna(0.0)
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(table) + 1.8), dpi=110)
+    left = np.zeros(len(table))
+    for step in [s for s in ("fisher", "query", "label", "train") if s in table.columns]:
+        ax.barh(table.index, table[step], left=left, label=step)
+        left += table[step].to_numpy()
+    ax.set_xlabel("seconds per round (mean)")
+    ax.set_title("Time per step per strategy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def read_timings(results_dir: Path) -> pd.DataFrame:
+    frames = []
+    for csv_path in sorted(results_dir.rglob(paths.TIMINGS_CSV)):
+        try:
+            frames.append(pd.read_csv(csv_path, on_bad_lines="skip"))
+        except (pd.errors.ParserError, pd.errors.EmptyDataError):
+            continue
+    return pd.concat(frames, ignore_index=True).dropna() if frames else pd.DataFrame()
+
+
+def pool_classes(results_dir: Path) -> Optional[list[str]]:
+    for manifest in sorted(results_dir.rglob(paths.POOL_MANIFEST)):
+        try:
+            return json.loads(manifest.read_text())["classes"]
+        except (ValueError, KeyError):
+            continue
+    return None
+
+
+def plot_mask_profiles(results_dir: Path, path: Path) -> bool:
+    """The newest Fisher mask's per-layer profile (the paper's Fig. 2), when a run made masks."""
+    masks = sorted(results_dir.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+    masks = [m for m in masks if m.name not in (paths.POOL_IMAGES,) and not m.name.endswith(".embeddings.safetensors")]
+    if not masks:
+        return False
+    from fmask.fisher import mask_profile_from_file, plot_mask_profile
+
+    plot_mask_profile(mask_profile_from_file(masks[-1]), path)
+    return True
+
+
+def run_plot(*, results_dir: str | os.PathLike, out_dir: Optional[str | os.PathLike] = None,
+             target_accuracy: Optional[float] = None) -> PlotResult:
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise FmaskError(f"results directory {results_dir} does not exist; pass the directory your runs write to")
@@ -119,9 +266,16 @@ def run_plot(*, results_dir: str | os.PathLike, out_dir: Optional[str | os.PathL
     if runs.empty:
         raise FmaskError(f"no {paths.METRICS_CSV} found below {results_dir}; run `fmask train` into it first")
     out_dir = Path(out_dir) if out_dir is not None else results_dir
-    figures = [out_dir / paths.LEARNING_CURVES_PNG]
+    figures = [out_dir / paths.LEARNING_CURVES_PNG, out_dir / paths.CLASS_PICKS_PNG]
     plot_learning_curves(runs, figures[0])
-    summary = summarize(runs)
+    plot_class_picks(runs, pool_classes(results_dir), figures[1])
+    timings = read_timings(results_dir)
+    if not timings.empty and (timings["strategy"] != "-").any():
+        figures.append(out_dir / paths.STEP_TIMES_PNG)
+        plot_step_times(timings, figures[-1])
+    if plot_mask_profiles(results_dir, out_dir / paths.MASK_PROFILE_PNG):
+        figures.append(out_dir / paths.MASK_PROFILE_PNG)
+    summary = summarize(runs, target_accuracy)
     summary_csv = out_dir / paths.SUMMARY_CSV
     atomic_write_bytes(summary_csv, summary.to_csv(index=False).encode())
     return PlotResult(runs, summary, figures, summary_csv)

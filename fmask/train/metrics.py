@@ -29,6 +29,10 @@ def record_metrics(checkpoint: Path, *, labeled_set, metrics: dict, train_seed: 
         "per_class_accuracy": json.dumps(metrics["per_class_accuracy"]), "labeled_counts": json.dumps(counts),
     }
     table = read_metrics(csv_path)
+    if len(table) and (table["checkpoint"] == row["checkpoint"]).any():
+        recorded = table[table["checkpoint"] == row["checkpoint"]].iloc[0]
+        if float(recorded["accuracy"]) == row["accuracy"] and int(recorded["labeled"]) == row["labeled"]:
+            return  # already recorded: a resumed or skipped step rewrites nothing
     table = table[table["checkpoint"] != row["checkpoint"]] if len(table) else table
     table = pd.concat([table, pd.DataFrame([row], columns=COLUMNS)], ignore_index=True) if len(table) \
         else pd.DataFrame([row], columns=COLUMNS)

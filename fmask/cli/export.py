@@ -1,0 +1,34 @@
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from fmask import paths
+from fmask.cli import app
+from fmask.cli.ui import done, progress_callback
+from fmask.label.export import run_export
+
+
+@app.command("export")
+def export_command(
+    query: Path = typer.Option(..., help="Selected-index JSON from `fmask query`."),
+    out: Path = typer.Option(..., help="Directory to write the batch into (must not exist, or be empty)."),
+    ckpt: Optional[Path] = typer.Option(None, help="Checkpoint for the model's guesses (default: the one the query "
+                                        "records; its hash must match)."),
+    pool: Optional[Path] = typer.Option(None, help="Pool directory (default: the one the query records)."),
+    image_root: Optional[str] = typer.Option(None, help="Label Studio local files: the export directory's path "
+                                             "relative to LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (default: the "
+                                             "--out directory's name)."),
+    url_prefix: Optional[str] = typer.Option(None, help="Serve the files yourself: the URL of the export directory "
+                                             "(e.g. http://host:8000/batch1); replaces --image-root."),
+    columns: Optional[int] = typer.Option(None, help="Tiles per row of the contact sheet (default: about square)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda (for the model's guesses)."),
+    force: bool = typer.Option(False, help="Replace an earlier export in --out."),
+) -> None:
+    """Write a query's batch for annotators: PNGs, a CSV manifest, a contact sheet and Label Studio files."""
+    with progress_callback() as progress:
+        result = run_export(query=query, out=out, ckpt=ckpt, pool_dir=pool, image_root=image_root,
+                            url_prefix=url_prefix, columns=columns, device=device, force=force, progress=progress)
+    width, height = result.contact_sheet_size
+    done(f"exported {len(result.ids)} images to {result.out}: {paths.EXPORT_MANIFEST_CSV} (fill in its label column), "
+         f"{paths.CONTACT_SHEET_PNG} ({width}x{height}), {paths.LABEL_STUDIO_TASKS}, {paths.LABEL_STUDIO_CONFIG}")

@@ -1,0 +1,284 @@
+"""``fmask export``: a query's batch as files a person can label.
+
+The export directory holds ``images/<sample id>.png`` (the pool's pixels, unnormalised), ``manifest.csv`` (one
+row per image in selection order: file, the query checkpoint's top-3 guesses with probabilities, and a blank
+``label`` column an annotator can fill in and hand straight to ``fmask label --answers``), ``contact_sheet.png``
+(the batch in selection order, small images upscaled by nearest neighbour, sample id under each tile), a Label
+Studio import file (tasks with the model's top guess as a prediction) with its labeling config, and
+``export.json`` (provenance). It is built in a fresh temporary directory beside ``--out`` and renamed into place.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+from urllib.parse import quote
+from xml.sax.saxutils import quoteattr
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+from fmask import __version__, paths
+from fmask.device import resolve_device
+from fmask.errors import FmaskError
+from fmask.io import FORMAT_VERSION, sha256_file
+from fmask.pool.pool import Pool, load_pool
+from fmask.query.base import ProgressFn
+from fmask.query.step import load_query
+from fmask.train.checkpoint import load_checkpoint
+
+EXPORT = "fmask export"
+TOP_K = 3  # guesses per image in the manifest
+TILE_TARGET = 64  # px: small images are upscaled by a whole factor until their longer side reaches this
+PAD = 4  # px around and between tiles of the contact sheet
+CAPTION_HEIGHT = 14  # px under each tile for its sample id (PIL's default font is 10 px tall)
+LS_CONTROL, LS_OBJECT = "label", "image"  # names in the labeling config; predictions must use the same
+LOCAL_FILES_URL = "/data/local-files/?d="  # Label Studio's endpoint for files under LOCAL_FILES_DOCUMENT_ROOT
+
+
+@dataclass(frozen=True)
+class SheetLayout:
+    """Where each tile of a contact sheet goes: a grid of ``columns`` x ``rows`` cells in selection order."""
+
+    columns: int
+    rows: int
+    scale: int  # whole-number nearest-neighbour upscale factor
+    tile_width: int
+    tile_height: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the sheet in pixels."""
+        return (PAD + self.columns * (self.tile_width + PAD),
+                PAD + self.rows * (self.tile_height + CAPTION_HEIGHT + PAD))
+
+    def origin(self, position: int) -> tuple[int, int]:
+        """Top-left pixel of the tile at ``position`` (0-based, row-major)."""
+        row, column = divmod(position, self.columns)
+        return PAD + column * (self.tile_width + PAD), PAD + row * (self.tile_height + CAPTION_HEIGHT + PAD)
+
+
+def sheet_layout(count: int, height: int, width: int, columns: Optional[int] = None) -> SheetLayout:
+    """The grid for ``count`` images of ``height`` x ``width``: ``columns`` wide (default: about square)."""
+    if count <= 0:
+        raise ValueError("a contact sheet needs at least one image")
+    columns = min(count, columns if columns else math.ceil(math.sqrt(count)))
+    scale = max(1, math.ceil(TILE_TARGET / max(height, width)))
+    return SheetLayout(columns, math.ceil(count / columns), scale, width * scale, height * scale)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A uint8 (C, H, W) image -> PIL (grayscale for C=1, RGB for C=3, RGBA for C=4)."""
+    channels = image.shape[0]
+    if image.dtype != torch.uint8 or channels not in (1, 3, 4):
+        raise FmaskError(f"cannot write a {channels}-channel {image.dtype} image as PNG; fmask exports uint8 "
+                         "grayscale, RGB or RGBA pools")
+    array = image.permute(1, 2, 0).contiguous().numpy()
+    return Image.fromarray(array[:, :, 0] if channels == 1 else array)
+
+
+def contact_sheet(images: torch.Tensor, ids: Sequence[int], columns: Optional[int] = None) -> Image.Image:
+    """The batch as one RGB image: tiles in order, upscaled by nearest neighbour, sample id centred under each."""
+    count, _, height, width = images.shape
+    layout = sheet_layout(count, height, width, columns)
+    sheet = Image.new("RGB", layout.size, "white")
+    draw, font = ImageDraw.Draw(sheet), ImageFont.load_default()
+    for position, (image, sample_id) in enumerate(zip(images, ids)):
+        tile = to_pil(image).convert("RGB").resize((layout.tile_width, layout.tile_height), Image.Resampling.NEAREST)
+        x, y = layout.origin(position)
+        sheet.paste(tile, (x, y))
+        left, top, right, bottom = draw.textbbox((0, 0), str(sample_id), font=font)
+        draw.text((x + (layout.tile_width - (right - left)) // 2 - left,
+                   y + layout.tile_height + (CAPTION_HEIGHT - (bottom - top)) // 2 - top),
+                  str(sample_id), fill="black", font=font)
+    return sheet
+
+
+@torch.no_grad()
+def predict_probabilities(model: nn.Module, pool: Pool, ids: Sequence[int], *, device: torch.device,
+                          batch_size: int = 256, progress: Optional[ProgressFn] = None) -> torch.Tensor:
+    """Softmax probabilities (n, classes) of ``model`` on the pool inputs of ``ids``, float32 on CPU."""
+    model = model.to(device).eval()
+    chunks = []
+    for start in range(0, len(ids), batch_size):
+        chunks.append(torch.softmax(model(pool.inputs(ids[start:start + batch_size]).to(device)).float(), 1).cpu())
+        if progress is not None:
+            progress("model guesses", min(start + batch_size, len(ids)), len(ids))
+    return torch.cat(chunks)
+
+
+def image_url(file: str, *, image_root: str, url_prefix: Optional[str] = None) -> str:
+    """Where Label Studio finds ``file`` (a path relative to the export directory).
+
+    With ``url_prefix``: that URL joined with ``file``. Otherwise Label Studio's local-files URL
+    ``/data/local-files/?d=<image_root>/<file>``, ``image_root`` being the export directory's path relative to
+    Label Studio's ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT``.
+    """
+    if url_prefix:
+        return url_prefix.rstrip("/") + "/" + quote(file)
+    relative = "/".join(part for part in (image_root.strip("/"), file) if part)
+    return LOCAL_FILES_URL + quote(relative, safe="/")
+
+
+def label_studio_config(classes: Sequence[str]) -> str:
+    """A labeling config: the image (pixelated when zoomed, so small images stay sharp) and one class choice."""
+    choices = "\n".join(f"    <Choice value={quoteattr(name)}/>" for name in classes)
+    return (f"<View>\n  <Header value=\"$caption\"/>\n"
+            f"  <Image name=\"{LS_OBJECT}\" value=\"$image\" smoothing=\"false\" zoom=\"true\" zoomControl=\"true\"/>\n"
+            f"  <Choices name=\"{LS_CONTROL}\" toName=\"{LS_OBJECT}\" choice=\"single-radio\" showInline=\"true\" "
+            f"required=\"true\">\n{choices}\n  </Choices>\n</View>\n")
+
+
+def label_studio_tasks(ids: Sequence[int], urls: Sequence[str], classes: Sequence[str], top_probs: torch.Tensor,
+                       top_classes: torch.Tensor, model_version: str) -> list[dict]:
+    """One Label Studio task per image; the model's top guess rides along as a prediction (pre-annotation)."""
+    tasks = []
+    for sample_id, url, probs, guesses in zip(ids, urls, top_probs.tolist(), top_classes.tolist()):
+        prediction = {"model_version": model_version, "score": round(probs[0], 6),
+                      "result": [{"from_name": LS_CONTROL, "to_name": LS_OBJECT, "type": "choices",
+                                  "value": {"choices": [classes[guesses[0]]]}}]}
+        tasks.append({"data": {"image": url, "sample_id": int(sample_id), "caption": f"sample {sample_id}"},
+                      "predictions": [prediction]})
+    return tasks
+
+
+def manifest_csv(ids: Sequence[int], files: Sequence[str], classes: Sequence[str], top_probs: torch.Tensor,
+                 top_classes: torch.Tensor) -> str:
+    """``sample_id,file,guess_1,prob_1,...,label`` in selection order; ``label`` is left for the annotator."""
+    k = top_probs.shape[1]
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["sample_id", "file"] + [f"{kind}_{rank}" for rank in range(1, k + 1) for kind in ("guess", "prob")]
+                    + ["label"])
+    for sample_id, file, probs, guesses in zip(ids, files, top_probs.tolist(), top_classes.tolist()):
+        pairs = [cell for guess, prob in zip(guesses, probs) for cell in (classes[guess], f"{prob:.4f}")]
+        writer.writerow([sample_id, file] + pairs + [""])
+    return buffer.getvalue()
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    ids: list[int]  # in selection order
+    contact_sheet_size: tuple[int, int]
+    image_urls: list[str]
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse an --out that is a file, or a non-empty directory (with --force: one that is not an export)."""
+    if out.exists() and not out.is_dir():
+        raise FmaskError(f"--out {out} is a file; give a directory for the export")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise FmaskError(f"--out {out} exists and is not empty; choose a new directory or pass --force to "
+                             "replace an earlier export")
+        if not (out / paths.EXPORT_INFO).is_file():
+            raise FmaskError(f"--out {out} is not an fmask export directory (no {paths.EXPORT_INFO}); --force only "
+                             "replaces an earlier export, so choose a new directory")
+    probe = out.resolve().parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise FmaskError(f"cannot write {out}: {probe} is not a writable directory; choose another --out")
+
+
+def _move_into_place(built: Path, out: Path) -> None:
+    """Rename the finished export onto ``out``; an earlier export there is swapped out first, then removed."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.replace(out, old / out.name)
+    try:
+        os.replace(built, out)
+    except OSError:
+        if old is not None:
+            os.replace(old / out.name, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_export(*, query: str | os.PathLike, out: str | os.PathLike, ckpt: Optional[str | os.PathLike] = None,
+               pool_dir: Optional[str | os.PathLike] = None, image_root: Optional[str] = None,
+               url_prefix: Optional[str] = None, columns: Optional[int] = None, device: str = "auto",
+               batch_size: int = 256, force: bool = False, progress: Optional[ProgressFn] = None) -> ExportResult:
+    """Write the export directory ``out`` for the batch ``query`` selected (see the module docstring)."""
+    out = Path(out)
+    if image_root is not None and url_prefix is not None:
+        raise FmaskError("give either --image-root (Label Studio local files) or --url-prefix (served files), not both")
+    if image_root is not None and Path(image_root).is_absolute():
+        raise FmaskError(f"--image-root {image_root} must be relative to Label Studio's "
+                         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (e.g. exp/batch1), not absolute")
+    if columns is not None and columns <= 0:
+        raise FmaskError(f"--columns {columns} must be positive; omit it for an about square contact sheet")
+    query_data = load_query(query)
+    pool = load_pool(pool_dir if pool_dir is not None else query_data["pool_dir"])
+    if query_data["inputs"].get("pool") != pool.hash:
+        raise FmaskError(f"query {query} was made on another pool; pass the --pool it was made on")
+    ckpt = ckpt if ckpt is not None else query_data.get("checkpoint_path")
+    if ckpt is None:
+        raise FmaskError(f"query {query} records no checkpoint_path; pass --ckpt with the checkpoint it was made with")
+    checkpoint = load_checkpoint(ckpt)
+    if checkpoint.hash != query_data["inputs"].get("checkpoint"):
+        raise FmaskError(f"checkpoint {ckpt} is not the one query {query} was made with (its hash differs); pass "
+                         "--ckpt with that checkpoint, or rerun the query")
+    ids = [int(i) for i in query_data["selected"]]
+    if not ids:
+        raise FmaskError(f"query {query} selects no samples; rerun `fmask query` with --batch of at least 1")
+    images = pool.images(ids)  # refuses ids outside the pool
+    _check_out(out, force)
+    torch_device = resolve_device(device)
+
+    probs = predict_probabilities(checkpoint.model, pool, ids, device=torch_device, batch_size=batch_size,
+                                  progress=progress)
+    top_probs, top_classes = torch.topk(probs, k=min(TOP_K, probs.shape[1]), dim=1)
+    files = [f"{paths.EXPORT_IMAGES_DIR}/{sample_id}.png" for sample_id in ids]
+    target = out.resolve()  # absolute, so that `--out .` and relative paths rename cleanly
+    root = target.name if image_root is None else image_root
+    urls = [image_url(file, image_root=root, url_prefix=url_prefix) for file in files]
+    model_version = f"{Path(ckpt).name}:{checkpoint.hash[:12]}"
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        built = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise FmaskError(f"could not create the export {out}: {exc.strerror or exc}; choose another --out") from exc
+    try:
+        os.chmod(built, 0o755)  # mkdtemp makes it private; Label Studio or a web server may run as another user
+        (built / paths.EXPORT_IMAGES_DIR).mkdir()
+        for done, (image, file) in enumerate(zip(images, files), start=1):
+            to_pil(image).save(built / file, format="PNG")
+            if progress is not None:
+                progress("writing images", done, len(ids))
+        sheet = contact_sheet(images, ids, columns)
+        sheet.save(built / paths.CONTACT_SHEET_PNG, format="PNG")
+        (built / paths.EXPORT_MANIFEST_CSV).write_text(manifest_csv(ids, files, pool.classes, top_probs, top_classes),
+                                                       encoding="utf-8")
+        tasks = label_studio_tasks(ids, urls, pool.classes, top_probs, top_classes, model_version)
+        (built / paths.LABEL_STUDIO_TASKS).write_text(json.dumps(tasks, indent=1) + "\n", encoding="utf-8")
+        (built / paths.LABEL_STUDIO_CONFIG).write_text(label_studio_config(pool.classes), encoding="utf-8")
+        info = {"format": FORMAT_VERSION, "kind": "export", "fmask_version": __version__,
+                "query": str(Path(query).resolve()), "query_sha256": sha256_file(query),
+                "checkpoint": str(Path(ckpt).resolve()), "checkpoint_sha256": checkpoint.hash, "pool": pool.hash,
+                "round": query_data["round"], "strategy": query_data["strategy"], "selected": ids,
+                "url_prefix": url_prefix, "image_root": None if url_prefix else root,
+                "contact_sheet_size": list(sheet.size)}
+        (built / paths.EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+        _move_into_place(built, target)
+    except OSError as exc:
+        shutil.rmtree(built, ignore_errors=True)
+        raise FmaskError(f"could not write the export {out}: {exc.strerror or exc}; free space or choose another "
+                         "--out") from exc
+    except BaseException:
+        shutil.rmtree(built, ignore_errors=True)
+        raise
+    return ExportResult(out, ids, sheet.size, urls)

@@ -1,0 +1,110 @@
+"""`fmask run`: resumable after SIGKILL at any point, same results as an uninterrupted run; `fmask plot` on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fmask.run.experiment import ExperimentConfig, preset_config, run_experiment
+from tests.conftest import invoke
+
+RUN_ARGS = ["--dataset", "digits", "--class-counts", "8,8,8,8,8,8,8,8,8,40", "--initial", "10", "--batch", "6",
+            "--rounds", "2", "--strategies", "random,margin", "--seeds", "0,1", "--model", "cnn", "--epochs", "2",
+            "--test-per-class", "5", "--device", "cpu"]
+
+
+def fmask_cli(*args) -> list[str]:
+    return [sys.executable, "-m", "fmask", *[str(a) for a in args]]
+
+
+def results_of(out: Path) -> dict:
+    """Everything that must match between runs: selections, labeled sets, metrics without timings."""
+    found = {}
+    for path in sorted(out.rglob("*")):
+        rel = str(path.relative_to(out))
+        if path.name.startswith("query") and path.suffix == ".json":
+            found[rel] = json.loads(path.read_text())["selected"]
+        elif path.name.startswith("labeled") and path.suffix == ".json":
+            data = json.loads(path.read_text())
+            found[rel] = (data["ids"], data["labels"], data["rounds"])
+        elif path.name == "metrics.csv":
+            table = pd.read_csv(path).sort_values("checkpoint")
+            found[rel] = table[["checkpoint", "strategy", "round", "labeled", "accuracy"]].values.tolist()
+    return found
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "res"
+    result = invoke("run", "--out", out, *RUN_ARGS)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_sigkill_at_several_points_resumes_to_identical_results(uninterrupted, tmp_path):
+    out = tmp_path / "res"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    kills = 0
+    for delay in (2.5, 4.0, 5.5, 7.0):
+        proc = subprocess.Popen(fmask_cli("run", "--out", out, *RUN_ARGS), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 2  # the kills did land mid-run
+    finish = subprocess.run(fmask_cli("run", "--out", out, *RUN_ARGS), env=env, capture_output=True, text=True)
+    assert finish.returncode == 0, finish.stderr
+    assert not list(out.rglob(".*.tmp"))  # no temp file survives
+    assert results_of(out) == results_of(uninterrupted)
+
+
+def test_rerun_of_a_finished_run_executes_nothing(uninterrupted):
+    timings = (uninterrupted / "timings.csv").read_text()
+    result = invoke("run", "--out", uninterrupted, *RUN_ARGS)
+    assert result.exit_code == 0, result.output
+    assert (uninterrupted / "timings.csv").read_text() == timings
+
+
+def test_other_configuration_in_the_same_directory_is_refused(uninterrupted):
+    result = invoke("run", "--out", uninterrupted, *RUN_ARGS[:-2], "--device", "cpu", "--batch", "7")
+    assert result.exit_code == 2 and "another configuration" in result.stderr
+
+
+def test_plot_of_a_run_writes_figures_and_summary(uninterrupted, tmp_path):
+    result = invoke("plot", uninterrupted, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    for name in ("learning_curves.png", "class_picks.png", "step_times.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG", name
+    summary = pd.read_csv(tmp_path / "summary.csv").set_index("strategy")
+    assert set(summary.index) == {"random", "margin"}
+    assert (summary["runs"] == 2).all() and (summary["final_labeled"] == 22).all()
+    assert summary.loc["random", "auc_vs_random_mean"] == 0.0 and summary.loc["margin", "paired_seeds"] == 2
+    for column in ("final_accuracy_std", "auc_std", "labels_to_target_mean", "target_accuracy"):
+        assert column in summary.columns
+    assert "margin" in result.output and "won)" in result.output
+
+
+def test_config_file_and_presets(tmp_path):
+    config = tmp_path / "exp.toml"
+    config.write_text('preset = "setting2"\nsmall = true\nseeds = [0, 1, 2]\nstrategies = ["random"]\n')
+    from fmask.run.experiment import config_from_options
+
+    experiment = config_from_options(preset=None, small=False, config_file=config, overrides={"rounds": 2})
+    assert experiment.model == "cnn" and experiment.seeds == [0, 1, 2] and experiment.rounds == 2
+    assert experiment.setting == "setting2" and experiment.initial == 500 and experiment.batch == 500
+    full = preset_config("setting1-high")
+    assert full.model == "resnet18" and full.initial + full.rounds * full.batch == 5750
+    assert preset_config("setting2").initial + 12 * 500 == 6500
+    config.write_text("speed = 3\n")
+    result = invoke("run", "--out", tmp_path / "r", "--config", config)
+    assert result.exit_code == 2 and "unknown key 'speed'" in result.stderr
