@@ -23,11 +23,13 @@ def query_command(
     backward_steps: bool = typer.Option(False, help="Oversample 2x then prune greedily (fishermask, bait)."),
     float64: bool = typer.Option(False, help="Run the Fisher-greedy engine in float64."),
     chunk_size: Optional[int] = typer.Option(None, help="Candidates per chunk in the selection engines (memory bound)."),
+    precision: str = typer.Option("fp32", help="Forward-pass precision: fp32 | auto | bf16 | fp16."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     force: bool = typer.Option(False, help="Rerun even if the output exists with the same inputs."),
 ) -> None:
     """Select the next batch from the unlabeled pool with a registered strategy."""
-    options = {"lamb": lamb, "backward_steps": backward_steps, "float64": float64, "chunk_size": chunk_size}
+    options = {"lamb": lamb, "backward_steps": backward_steps, "float64": float64, "chunk_size": chunk_size,
+               "precision": precision}
     with progress_callback() as progress:
         result = run_query(ckpt=ckpt, out=out, strategy=strategy, batch=batch, pool_dir=pool, labeled=labeled,
                            mask=mask, seed=seed, device=device, options=options, force=force, progress=progress)

@@ -22,15 +22,24 @@ def train_command(
     augment: bool = typer.Option(True, help="Random crop + flip (flip only where the dataset allows)."),
     seed: int = typer.Option(0, help="Seed for initialisation, batches and augmentation."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (autocast); auto: bf16 on GPUs that "
+                                               "have it, fp32 on CPU."),
+    channels_last: bool = typer.Option(True, help="Channels-last (NHWC) memory format for the model and batches."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model for the training steps."),
+    stream: bool = typer.Option(False, "--stream", help="Stream batches from host memory instead of keeping the "
+                                                        "images on the device (automatic when they do not fit)."),
     force: bool = typer.Option(False, help="Retrain even if the checkpoint exists with the same inputs."),
 ) -> None:
     """Train from scratch on the labeled set, evaluate on the test split, write a checkpoint."""
     config = TrainConfig(model=model, lr=lr, batch_size=batch_size, max_epochs=epochs,
                          target_train_accuracy=target_accuracy, grad_clamp=grad_clamp or None, augment=augment,
-                         seed=seed)
+                         seed=seed, precision=precision, channels_last=channels_last, compile=compile_model,
+                         stream=stream)
     with progress_callback() as progress:
         result = train(pool_dir=pool, labeled=labeled, out=out, config=config, device=device, force=force,
                        progress=progress)
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
     m = result.metrics
     verb = "unchanged, skipped" if result.skipped else "written"
     done(f"checkpoint {result.checkpoint} {verb}: {m['labeled']} labeled, test accuracy {m['accuracy']:.4f}, "

@@ -14,6 +14,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from fmask.train.augment import autocast, device_images, resolve_precision
+
 ProgressFn = Callable[[str, int, int], None]  # (task description, done, total)
 
 
@@ -50,11 +52,22 @@ class QueryContext:
         """(logits (n, C), penultimate features (n, E)) for ``ids``, float32 on CPU, cached."""
         key = ("forward", tuple(ids))
         if key not in self._cache:
+            # options["precision"]: fp32 by default, since scores rank candidates by small differences;
+            # auto | bf16 | fp16 trade that for speed on GPUs.
+            precision = resolve_precision(self.options.get("precision", "fp32"), self.device)
+            memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+            # Pools with a uint8 cache: read it into device memory once (unless it does not fit), normalise there.
+            uint8 = hasattr(self.pool, "images") and hasattr(self.pool, "normalize")
+            images = device_images(self.pool.images(ids), self.device)[0] if uint8 else None
             logits, feats = [], []
             for start in range(0, len(ids), self.batch_size):
-                x = self.pool.inputs(ids[start : start + self.batch_size]).to(self.device)
-                h = self.model.forward_features(x)
-                logits.append(self.model.head(h).float().cpu())
+                if uint8:
+                    x = self.pool.normalize(images[start : start + self.batch_size].to(self.device))
+                else:
+                    x = self.pool.inputs(ids[start : start + self.batch_size]).to(self.device)
+                with autocast(precision, self.device):
+                    h = self.model.forward_features(x.contiguous(memory_format=memory_format))
+                    logits.append(self.model.head(h).float().cpu())
                 feats.append(h.float().cpu())
                 self.report("forward pass", min(start + self.batch_size, len(ids)), len(ids))
             n_cls = self.model.head.out_features

@@ -1,12 +1,18 @@
 """``fmask train``: train a model from scratch on the labeled set (the paper's protocol by default: Adam 1e-3,
 crop + flip, until 99% training accuracy or an epoch cap, gradients clamped to ±0.1), evaluate it on the test
-split and write a checkpoint that loads with ``torch.load(weights_only=True)``."""
+split and write a checkpoint that loads with ``torch.load(weights_only=True)``.
+
+Rounds are fast because nothing runs per image on the host: the labeled uint8 images are read once into device
+memory (GPU, or RAM on CPU), every batch is one gather that crops, mirrors and normalises on the device
+(fmask.train.augment), and the model runs in autocast precision (bf16 by default on GPUs that have it) with a
+channels-last layout, optionally compiled. When the images do not fit in the device's free memory the batches
+stream from host memory instead, with the same draws and therefore the same result."""
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -16,14 +22,19 @@ import torch.nn.functional as F
 from fmask import __version__, paths
 from fmask.device import resolve_device
 from fmask.errors import FmaskError
-from fmask.io import STEP_KEY, check_writable, step_is_current
+from fmask.io import check_writable, step_is_current
 from fmask.label.labeled import load_labeled
 from fmask.pool.pool import Pool, load_pool
 from fmask.query.base import ProgressFn
-from fmask.train.augment import random_crop_flip
+from fmask.train.augment import (RESIDENT_SHARE, Normalizer, TrainBatches, autocast, device_images, draw_crop_flip,
+                                 free_memory_bytes, padded_nbytes, resolve_precision)
 from fmask.train.checkpoint import load_checkpoint, save_checkpoint
 from fmask.train.metrics import record_metrics
 from fmask.train.models import build_model
+
+# Config fields that choose where batches come from but not what they hold: they stay out of the step hash, so
+# switching them never retrains an up-to-date checkpoint (streaming gives the same weights as resident batches).
+PLACEMENT_ONLY = ("stream",)
 
 
 @dataclass
@@ -37,6 +48,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     augment: bool = True
     seed: int = 0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast); train() records the resolved one
+    channels_last: bool = True  # NHWC activations: what GPU convolutions (and oneDNN on CPU) run fastest
+    compile: bool = False  # torch.compile the model for the training steps
+    stream: bool = False  # force streaming batches from host memory (otherwise chosen when the pool does not fit)
 
 
 @dataclass
@@ -44,17 +59,35 @@ class TrainResult:
     checkpoint: Path
     skipped: bool
     metrics: dict
+    notes: list[str] = field(default_factory=list)  # one-line notices for the user (e.g. the streaming fallback)
+
+
+def validate_config(config: TrainConfig, device: torch.device) -> TrainConfig:
+    """Check the numbers and return ``config`` with its precision resolved for ``device``."""
+    if config.max_epochs <= 0 or config.batch_size <= 0 or config.lr <= 0:
+        raise FmaskError("--epochs, --batch-size and --lr must be positive")
+    return replace(config, precision=resolve_precision(config.precision, device))
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, pool: Pool, device: torch.device, batch_size: int = 512) -> dict:
-    """Accuracy, balanced accuracy and per-class accuracy on the pool's test split."""
+def evaluate(model: torch.nn.Module, pool: Pool, device: torch.device, batch_size: int = 512, *,
+             precision: str = "fp32", channels_last: bool = False, stream: Optional[bool] = None) -> dict:
+    """Accuracy, balanced accuracy and per-class accuracy on the pool's test split.
+
+    The uint8 test images are read into device memory once (streamed per batch when they do not fit) and
+    normalised there; ``precision`` is a name from fmask.train.augment.PRECISIONS.
+    """
     model.eval()
+    precision = resolve_precision(precision, device)
+    normalize = Normalizer(pool.manifest["normalization"]["mean"], pool.manifest["normalization"]["std"], device,
+                           channels_last)
+    images, _ = device_images(pool.test_images, device, stream=stream)
     predictions = []
-    for start in range(0, len(pool.test_images), batch_size):
-        x = pool.normalize(pool.test_images[start:start + batch_size].to(device))
-        predictions.append(model(x).argmax(1).cpu())
-    predicted = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+    for start in range(0, len(images), batch_size):
+        x = normalize(images[start:start + batch_size].to(device, non_blocking=True))
+        with autocast(precision, device):
+            predictions.append(model(x).argmax(1))
+    predicted = torch.cat(predictions).cpu() if predictions else torch.zeros(0, dtype=torch.long)
     truth = pool.test_labels
     per_class = []
     for cls in range(pool.num_classes):
@@ -65,40 +98,96 @@ def evaluate(model: torch.nn.Module, pool: Pool, device: torch.device, batch_siz
             "per_class_accuracy": per_class, "test_samples": int(len(truth))}
 
 
-def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, pool: Pool, config: TrainConfig,
-        device: torch.device, progress: Optional[ProgressFn] = None) -> dict:
-    """Train ``model`` on uint8 ``images`` (already on ``device``) until the target train accuracy."""
-    generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    pad, flip = pool.manifest["augment"]["crop_pad"], pool.manifest["augment"]["flip"]
-    n = len(images)
-    epoch, train_accuracy = 0, 0.0
-    for epoch in range(1, config.max_epochs + 1):
-        model.train()
-        order = torch.randperm(n, generator=generator).to(device)
-        correct = 0
+class TrainLoop:
+    """One training run, an epoch at a time: the optimiser, the batch source and the random stream.
+
+    ``images`` are the labeled uint8 images (n, C, H, W) on any device; ``config.precision`` must be resolved
+    (see :func:`validate_config`). The model is trained in place (converted to channels-last when asked).
+    """
+
+    def __init__(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+                 normalization: dict, augment: dict, config: TrainConfig, device: torch.device,
+                 stream: bool = False) -> None:
+        if config.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"resolve the precision first (validate_config); got {config.precision!r}")
+        self.model, self.config, self.device = model, config, device
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.step_model = torch.compile(model, dynamic=False) if config.compile else model
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        # fp16 needs loss scaling against gradient underflow; bf16 has fp32's exponent range and does not.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+        self.pad = int(augment["crop_pad"]) if config.augment else 0
+        self.flip = bool(augment["flip"]) and config.augment
+        self.batches = TrainBatches(images, pad=self.pad, device=device, stream=stream)
+        self.labels = labels.to(device)
+        self.normalize = Normalizer(normalization["mean"], normalization["std"], device, config.channels_last)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.epochs_done = 0
+
+    def run_epoch(self) -> float:
+        """Train one epoch over every labeled image in a fresh random order; returns its training accuracy."""
+        config, device, n = self.config, self.device, len(self.batches)
+        self.model.train()
+        # All of the epoch's draws at once (CPU generator: same on every device), moved to the device in one go.
+        order = torch.randperm(n, generator=self.generator)
+        dy, dx, flips = draw_crop_flip(n, pad=self.pad, flip=self.flip, generator=self.generator)
+        dy, dx, flips, order_on_device = (t.to(device) for t in (dy, dx, flips, order))
+        batch_order = order if self.batches.stream else order_on_device
+        correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no sync per step
         for start in range(0, n, config.batch_size):
-            index = order[start:start + config.batch_size]
-            if len(index) < 2 and n >= 2:  # BatchNorm needs two samples; the lone one is seen next epoch
+            stop = min(start + config.batch_size, n)
+            if stop - start < 2 and n >= 2:  # BatchNorm needs two samples; the lone one is seen next epoch
                 continue
-            batch = images[index]
-            if config.augment:
-                batch = random_crop_flip(batch, pad=pad, flip=flip, generator=generator)
-            logits = model(pool.normalize(batch))
-            loss = F.cross_entropy(logits, labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            images = self.batches.batch(batch_order[start:stop], dy[start:stop], dx[start:stop], flips[start:stop])
+            labels = self.labels[order_on_device[start:stop]]
+            with autocast(config.precision, device):
+                logits = self.step_model(self.normalize(images))
+                loss = F.cross_entropy(logits, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
             if config.grad_clamp is not None:
-                torch.nn.utils.clip_grad_value_(model.parameters(), config.grad_clamp)
-            optimizer.step()
-            correct += int((logits.argmax(1) == labels[index]).sum())
-        train_accuracy = correct / max(n, 1)
+                self.scaler.unscale_(self.optimizer)  # clamp the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_value_(self.model.parameters(), config.grad_clamp)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            correct += (logits.argmax(1) == labels).sum()
+        self.epochs_done += 1
+        self.model.eval()
+        return int(correct) / max(n, 1)
+
+
+def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, pool: Pool, config: TrainConfig,
+        device: torch.device, progress: Optional[ProgressFn] = None, *, stream: bool = False) -> dict:
+    """Train ``model`` on uint8 ``images`` until the target train accuracy or the epoch cap.
+
+    ``stream=False`` keeps the images on ``device``; True streams each batch from host memory."""
+    config = validate_config(config, device)
+    loop = TrainLoop(model, images, labels, normalization=pool.manifest["normalization"],
+                     augment=pool.manifest["augment"], config=config, device=device, stream=stream)
+    train_accuracy = 0.0
+    for epoch in range(1, config.max_epochs + 1):
+        train_accuracy = loop.run_epoch()
         if progress:
             progress(f"training (train acc {train_accuracy:.3f})", epoch, config.max_epochs)
         if train_accuracy >= config.target_train_accuracy:
             break
-    model.eval()
-    return {"epochs": epoch, "train_accuracy": train_accuracy}
+    return {"epochs": loop.epochs_done, "train_accuracy": train_accuracy}
+
+
+def plan_loader(pool: Pool, n_labeled: int, device: torch.device, *, pad: int,
+                force_stream: bool) -> tuple[bool, Optional[str]]:
+    """Resident or streaming batches: (stream, the one-line note to show the user, or None)."""
+    if force_stream:
+        return True, "streaming batches from host memory (--stream)"
+    channels, height, width = pool.image_shape
+    needed = padded_nbytes((n_labeled, channels, height, width), pad) + pool.test_images.numel()
+    free = free_memory_bytes(device)
+    if needed <= RESIDENT_SHARE * free:
+        return False, None
+    where = "GPU" if device.type == "cuda" else "RAM"
+    return True, (f"the labeled and test images ({needed / 2**20:.1f} MiB) do not fit in half the free {where} "
+                  f"({free / 2**20:.1f} MiB free); streaming batches from host memory instead (slower)")
 
 
 def train(*, pool_dir: str | os.PathLike, labeled: Optional[str | os.PathLike], out: str | os.PathLike,
@@ -106,30 +195,40 @@ def train(*, pool_dir: str | os.PathLike, labeled: Optional[str | os.PathLike], 
           progress: Optional[ProgressFn] = None) -> TrainResult:
     """Train from scratch on the labeled set and write the checkpoint ``out`` (skipped when unchanged)."""
     out = Path(out)
-    if config.max_epochs <= 0 or config.batch_size <= 0 or config.lr <= 0:
-        raise FmaskError("--epochs, --batch-size and --lr must be positive")
+    torch_device = resolve_device(device)
+    config = validate_config(config, torch_device)
     pool = load_pool(pool_dir)
     labeled_path = Path(labeled) if labeled is not None else paths.pool_labeled(pool_dir)
     labeled_set = load_labeled(labeled_path, pool)
     if len(labeled_set.ids) == 0:
         raise FmaskError(f"labeled set {labeled_path} is empty; build the pool with --initial > 0")
-    torch_device = resolve_device(device)
     build_model(config.model, in_channels=pool.image_shape[0], num_classes=pool.num_classes)  # validate the name
-    step = {"pool": pool.hash, "labeled": labeled_set.hash, "config": asdict(config)}
+    step_config = {k: v for k, v in asdict(config).items() if k not in PLACEMENT_ONLY}
+    step = {"pool": pool.hash, "labeled": labeled_set.hash, "config": step_config}
     if not force and step_is_current(out, step):
-        return TrainResult(out, True, load_checkpoint(out).metrics)
+        metrics = load_checkpoint(out).metrics
+        # A run killed between the checkpoint and its metrics row gets the row now.
+        record_metrics(out, labeled_set=labeled_set, metrics=metrics, train_seed=config.seed)
+        return TrainResult(out, True, metrics)
     check_writable(out)
 
+    pad = int(pool.manifest["augment"]["crop_pad"]) if config.augment else 0
+    stream, note = plan_loader(pool, len(labeled_set.ids), torch_device, pad=pad, force_stream=config.stream)
     torch.manual_seed(config.seed)
     model = build_model(config.model, in_channels=pool.image_shape[0], num_classes=pool.num_classes).to(torch_device)
-    images = pool.images(labeled_set.ids).to(torch_device)
-    labels = torch.tensor(labeled_set.labels, dtype=torch.long, device=torch_device)
+    images = pool.images(labeled_set.ids)  # host uint8; TrainLoop moves it to the device once unless streaming
+    labels = torch.tensor(labeled_set.labels, dtype=torch.long)
     started = time.perf_counter()
-    fit_stats = fit(model, images, labels, pool, config, torch_device, progress)
+    fit_stats = fit(model, images, labels, pool, config, torch_device, progress, stream=stream)
+    if torch_device.type == "cuda":
+        torch.cuda.synchronize(torch_device)  # the clock must include the queued GPU work
     train_seconds = time.perf_counter() - started
-    metrics = evaluate(model, pool, torch_device)
-    metrics.update(fit_stats, train_seconds=train_seconds, labeled=len(labeled_set.ids))
-    save_checkpoint(out, model=model, config=config, pool=pool, labeled_set=labeled_set, metrics=metrics,
-                    step=step, fmask_version=__version__)
+    model.to(memory_format=torch.contiguous_format)  # checkpoints hold plain layouts whatever the training used
+    metrics = evaluate(model, pool, torch_device, precision=config.precision, channels_last=config.channels_last,
+                       stream=stream)
+    metrics.update(fit_stats, train_seconds=train_seconds, labeled=len(labeled_set.ids),
+                   loader="streaming" if stream else "resident", precision=config.precision)
+    save_checkpoint(out, model=model, config=replace(config, stream=stream), pool=pool, labeled_set=labeled_set,
+                    metrics=metrics, step=step, fmask_version=__version__)
     record_metrics(out, labeled_set=labeled_set, metrics=metrics, train_seed=config.seed)
-    return TrainResult(out, False, metrics)
+    return TrainResult(out, False, metrics, [note] if note else [])
