@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fmask.cli import app
@@ -47,3 +48,7 @@ def run_dir(tiny_run: Path, tmp_path: Path) -> Path:
     target = tmp_path / "run"
     shutil.copytree(tiny_run, target)
     return target
+
+
+# Tiny models run faster on one thread than on two contending ones, and the suite stays deterministic.
+torch.set_num_threads(1)

@@ -1,0 +1,88 @@
+"""BAIT (Ash et al. 2021): greedy batch selection by the last-layer Fisher, on fmask's Fisher-greedy engine.
+
+For sample x with penultimate features h_x and predicted probabilities p(x), the row for class y is
+sqrt(p_y(x)) * grad_{head.weight} log p_y(x) = sqrt(p_y(x)) * (e_y - p(x)) (outer) h_x, so V_x^T V_x summed over y
+is the expected Fisher of the classifier layer. Labeled samples enter M_0 with the same (model-predicted)
+embeddings; F is their mean over candidates and labeled samples, as in the BAIT code.
+
+Options (ctx.options): "lamb" (float, default 1.0), "float64" (bool), "backward_steps" (bool: pick 2x then
+prune), "chunk_size" (int or None), "memory_limit" (bytes or None).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fmask.errors import FmaskError
+from fmask.query.base import QueryContext, Selection, Strategy
+from fmask.query.fisher_greedy import default_memory_limit, fisher_greedy_detailed, plan_fisher_greedy
+from fmask.query.registry import register_strategy
+
+_SHRINK_HINT = "the fishermask strategy with a small --sparsity (BAIT's D = classes x embedding width is fixed)"
+
+
+def bait_embeddings(probs: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """(n, C, C*E) last-layer gradient embeddings: row y is sqrt(p_y) (e_y - p) (outer) h, flattened like head.weight.
+
+    ``probs`` (n, C) are softmax probabilities, ``features`` (n, E) the penultimate embeddings; the result has
+    ``features``' dtype.
+    """
+    n, num_classes = probs.shape
+    probs = probs.to(features.dtype)
+    eye = torch.eye(num_classes, dtype=features.dtype, device=features.device)
+    # d log p_y / d logits = e_y - p; d logits_k / d W_kj = h_j.
+    coefficients = probs.sqrt().unsqueeze(2) * (eye.unsqueeze(0) - probs.unsqueeze(1))  # (n, y, k)
+    return (coefficients.unsqueeze(3) * features[:, None, None, :]).reshape(n, num_classes, -1)
+
+
+def _option(options: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    value = options.get(name, default)
+    if value is None or isinstance(value, kind) or (kind is float and isinstance(value, int)):
+        return value
+    raise FmaskError(f"option {name!r} must be {kind.__name__}, got {value!r}; fix --{name.replace('_', '-')}")
+
+
+@register_strategy("bait")
+class BaitStrategy(Strategy):
+    def select(self, ctx: QueryContext, batch: int) -> Selection:
+        options = ctx.options
+        lamb = float(_option(options, "lamb", float, 1.0))
+        dtype = torch.float64 if _option(options, "float64", bool, False) else torch.float32
+        backward_steps = bool(_option(options, "backward_steps", bool, False))
+        chunk_size = _option(options, "chunk_size", int, None)
+        memory_limit = _option(options, "memory_limit", int, None)
+
+        candidates, labeled = list(ctx.unlabeled_ids), list(ctx.labeled_ids)
+        num_classes, width = ctx.model.head.out_features, ctx.model.head.in_features
+        rank, dim = num_classes, num_classes * width
+        # Fail on shapes before any forward pass or embedding is built.
+        host_bytes = (len(candidates) + len(labeled)) * rank * dim * torch.empty(0, dtype=dtype).element_size()
+        if host_bytes > default_memory_limit("cpu"):
+            raise FmaskError(
+                f"BAIT's embeddings for {len(candidates) + len(labeled)} samples need {host_bytes / 2**30:.1f} GiB "
+                f"of RAM (D = {num_classes} classes x {width} features); use {_SHRINK_HINT}"
+            )
+        forward_count = min(2 * batch, len(candidates)) if backward_steps else batch
+        if 0 <= batch <= len(candidates):
+            plan_fisher_greedy(
+                len(candidates), rank, dim, len(labeled), steps=2 * forward_count - batch, dtype=dtype,
+                device=ctx.device, chunk_size=chunk_size, memory_limit=memory_limit, shrink_hint=_SHRINK_HINT,
+                inputs_on_device=torch.device(ctx.device).type == "cpu",  # the embeddings are built on the CPU
+            )
+
+        pool = self._embeddings(ctx, candidates, dtype)
+        labeled_embeddings = self._embeddings(ctx, labeled, dtype) if labeled else None
+        result = fisher_greedy_detailed(
+            pool, batch, labeled_embeddings, lamb=lamb, backward_steps=backward_steps, dtype=dtype,
+            chunk_size=chunk_size, device=ctx.device, memory_limit=memory_limit, shrink_hint=_SHRINK_HINT,
+            progress=ctx.progress,
+        )
+        return Selection(ids=[candidates[p] for p in result.positions], scores=result.gains)
+
+    @staticmethod
+    def _embeddings(ctx: QueryContext, ids: list[int], dtype: torch.dtype) -> torch.Tensor:
+        logits, features = ctx.forward(ids)
+        probs = torch.softmax(logits.to(dtype), dim=1)
+        return bait_embeddings(probs, features.to(dtype))
