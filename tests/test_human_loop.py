@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fmask.io import seal_json
 from fmask import load_model, load_pool, paths
 from fmask.errors import FmaskError
 from fmask.label import export as export_module
@@ -297,7 +298,7 @@ def other_checkpoint_query(run):
     query, _ = make_query(run)
     data = json.loads(query.read_text())
     data["inputs"]["checkpoint"] = "0" * 64
-    query.write_text(json.dumps(data))
+    query.write_text(json.dumps(seal_json(data)))  # resealed, so the checkpoint check itself must refuse it
     return query
 
 
@@ -315,7 +316,7 @@ BAD_EXPORTS = [
     ("image-root-and-url-prefix", lambda r: ["--image-root", "b", "--url-prefix", "http://h/b"], "not both"),
     ("absolute-image-root", lambda r: ["--image-root", "/srv/b"], "relative"),
     ("columns-zero", lambda r: ["--columns", "0"], "--columns"),
-    ("checkpoint-hash-differs", lambda r: ["--query", other_checkpoint_query(r)], "hash"),
+    ("checkpoint-hash-differs", lambda r: ["--query", other_checkpoint_query(r)], "is not the one query"),
     ("missing-query", lambda r: ["--query", r / "none.json"], "query"),
 ]
 

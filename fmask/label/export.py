@@ -30,7 +30,7 @@ from torch import nn
 from fmask import __version__, paths
 from fmask.device import resolve_device
 from fmask.errors import FmaskError
-from fmask.io import FORMAT_VERSION, sha256_file
+from fmask.io import FORMAT_VERSION, output_lock, sha256_file
 from fmask.pool.pool import Pool, load_pool
 from fmask.query.base import ProgressFn
 from fmask.query.step import load_query
@@ -235,6 +235,18 @@ def run_export(*, query: str | os.PathLike, out: str | os.PathLike, ckpt: Option
     if not ids:
         raise FmaskError(f"query {query} selects no samples; rerun `fmask query` with --batch of at least 1")
     images = pool.images(ids)  # refuses ids outside the pool
+    target = out.resolve()  # absolute, so that `--out .` and relative paths rename cleanly
+    with output_lock(target.parent, "export", outputs=(target.name,)):
+        return _export_locked(query=query, out=out, target=target, query_data=query_data, pool=pool, ckpt=ckpt,
+                              checkpoint=checkpoint, ids=ids, images=images, image_root=image_root,
+                              url_prefix=url_prefix, columns=columns, device=device, batch_size=batch_size,
+                              force=force, progress=progress)
+
+
+def _export_locked(*, query, out: Path, target: Path, query_data: dict, pool: Pool, ckpt, checkpoint, ids: list[int],
+                   images: torch.Tensor, image_root: Optional[str], url_prefix: Optional[str], columns: Optional[int],
+                   device: str, batch_size: int, force: bool, progress: Optional[ProgressFn]) -> ExportResult:
+    """run_export's work, done while holding the lock of the directory the export is renamed into."""
     _check_out(out, force)
     torch_device = resolve_device(device)
 
@@ -242,7 +254,6 @@ def run_export(*, query: str | os.PathLike, out: str | os.PathLike, ckpt: Option
                                   progress=progress)
     top_probs, top_classes = torch.topk(probs, k=min(TOP_K, probs.shape[1]), dim=1)
     files = [f"{paths.EXPORT_IMAGES_DIR}/{sample_id}.png" for sample_id in ids]
-    target = out.resolve()  # absolute, so that `--out .` and relative paths rename cleanly
     root = target.name if image_root is None else image_root
     urls = [image_url(file, image_root=root, url_prefix=url_prefix) for file in files]
     model_version = f"{Path(ckpt).name}:{checkpoint.hash[:12]}"

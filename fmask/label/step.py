@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from fmask.errors import FmaskError
-from fmask.io import STEP_KEY, atomic_write_json, check_writable, sha256_file, step_is_current
+from fmask.io import STEP_KEY, atomic_write_json, check_writable, output_lock, seal_json, sha256_file, step_is_current
 from fmask.label.answers import read_answers  # noqa: F401  (re-exported: its historical home)
 from fmask.label.labeled import LabeledSet, extend_labeled, load_labeled
 from fmask.pool.pool import load_pool
@@ -64,20 +64,22 @@ def run_label(*, query: str | os.PathLike, out: str | os.PathLike, labeled: Opti
     check_one_source(previous, source, allow_mixed_sources)
     step = {"query": sha256_file(query), "labeled": previous.hash,
             "answers": sha256_file(answers) if answers is not None and Path(answers).is_file() else None}
-    if not force and step_is_current(out, step):
-        from fmask.io import read_json
+    with output_lock(out.parent, "label", outputs=(out.name,)):
+        if not force and step_is_current(out, step):
+            from fmask.io import read_json
 
-        return LabelResult(out, True, 0, [], read_json(out, what="labeled set", made_by="fmask label"), source)
-    if answers is not None:
-        given = read_answers(Path(answers), pool.classes, set(selected))
-        ids = [i for i in selected if i in given]
-        labels = [given[i] for i in ids]
-        unanswered = [i for i in selected if i not in given]
-    else:
-        ids, labels, unanswered = list(selected), pool.labels(selected).tolist(), []
-    check_writable(out)
-    data = extend_labeled(previous, ids, labels, round_=int(query_data["round"]), source=source,
-                          strategy=query_data["strategy"], query_hash=step["query"])
-    data[STEP_KEY] = step
-    atomic_write_json(out, data)
+            return LabelResult(out, True, 0, [], read_json(out, what="labeled set", made_by="fmask label"), source)
+        if answers is not None:
+            given = read_answers(Path(answers), pool.classes, set(selected))
+            ids = [i for i in selected if i in given]
+            labels = [given[i] for i in ids]
+            unanswered = [i for i in selected if i not in given]
+        else:
+            ids, labels, unanswered = list(selected), pool.labels(selected).tolist(), []
+        check_writable(out)
+        data = extend_labeled(previous, ids, labels, round_=int(query_data["round"]), source=source,
+                              strategy=query_data["strategy"], query_hash=step["query"])
+        data[STEP_KEY] = step
+        data = seal_json(data)
+        atomic_write_json(out, data)
     return LabelResult(out, False, len(ids), unanswered, data, source)

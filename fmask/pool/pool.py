@@ -14,7 +14,7 @@ import torch
 from fmask import paths
 from fmask.errors import FmaskError
 from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_save_safetensors, atomic_write_json, check_writable,
-                      read_json, read_safetensors, sha256_file, sha256_json, step_is_current)
+                      output_lock, read_json, read_safetensors, seal_json, sha256_file, sha256_json, step_is_current)
 from fmask.pool.datasets import open_dataset
 
 SETTINGS = {
@@ -63,6 +63,18 @@ def build_pool(*, dataset: str, out: str | os.PathLike, root: str | os.PathLike 
         raise FmaskError("--test-per-class must be positive; omit it to keep the whole test split")
     step = {"dataset": dataset, "setting": setting, "class_counts": list(class_counts) if class_counts else None,
             "initial": initial, "seed": seed, "test_per_class": test_per_class}
+    if out.exists() and not out.is_dir():
+        raise FmaskError(f"--out {out} is a file; give a directory for the pool")
+    with output_lock(out, "build-pool", outputs=(paths.POOL_IMAGES, paths.POOL_LABELED, paths.POOL_MANIFEST)):
+        return _build_pool_locked(out=out, step=step, dataset=dataset, root=Path(root), download=download,
+                                  class_counts=class_counts, initial=initial, seed=seed,
+                                  test_per_class=test_per_class, setting=setting, force=force)
+
+
+def _build_pool_locked(*, out: Path, step: dict, dataset: str, root: Path, download: bool,
+                       class_counts: Optional[Sequence[int]], initial: int, seed: int,
+                       test_per_class: Optional[int], setting: str, force: bool) -> BuildPoolResult:
+    """build_pool's work, done while holding the lock of ``out``."""
     if not force and step_is_current(paths.pool_manifest(out), step) and paths.pool_images(out).is_file() \
             and paths.pool_labeled(out).is_file():
         manifest = read_json(paths.pool_manifest(out), what="pool manifest", made_by=BUILD_POOL)
@@ -70,15 +82,17 @@ def build_pool(*, dataset: str, out: str | os.PathLike, root: str | os.PathLike 
                                initial)
     for target in (paths.pool_manifest(out), paths.pool_images(out), paths.pool_labeled(out)):
         check_writable(target)
-    if out.exists() and not out.is_dir():
-        raise FmaskError(f"--out {out} is a file; give a directory for the pool")
 
-    source = open_dataset(dataset, root=Path(root), download=download)
+    source = open_dataset(dataset, root=root, download=download)
     n_classes_available = len(source.classes)
     counts = list(class_counts) if class_counts else [int((source.train_labels == c).sum()) for c in range(n_classes_available)]
     if len(counts) > n_classes_available:
         raise FmaskError(f"the setting names {len(counts)} classes but {dataset} has {n_classes_available}; "
                          "give fewer --class-counts")
+    empty = next((cls for cls, count in enumerate(counts) if count <= 0), None)
+    if empty is not None:  # a class the model must output but can never be shown or tested on
+        raise FmaskError(f"class {empty} ({source.classes[empty]}) would have no samples in the pool; add train "
+                         "images for it (or remove its empty folder), or give it a positive --class-counts entry")
     rng = np.random.default_rng(seed)
     pool_ids = []
     for cls, count in enumerate(counts):
@@ -131,8 +145,9 @@ def build_pool(*, dataset: str, out: str | os.PathLike, root: str | os.PathLike 
     }
     from fmask.label.labeled import initial_labeled_set  # the labeled-set format lives with `label`
 
-    atomic_write_json(paths.pool_labeled(out), initial_labeled_set(pool_hash, initial_ids, source.train_labels[initial_ids], seed))
-    atomic_write_json(paths.pool_manifest(out), manifest)  # last: a manifest means the pool is complete
+    labeled = initial_labeled_set(pool_hash, initial_ids, source.train_labels[initial_ids], seed)
+    atomic_write_json(paths.pool_labeled(out), seal_json(labeled))
+    atomic_write_json(paths.pool_manifest(out), seal_json(manifest))  # last: a manifest means the pool is complete
     return BuildPoolResult(out, False, counts, len(ids), len(test_ids), initial)
 
 

@@ -3,6 +3,7 @@ pool and write the selected-index JSON (sample ids in selection order, scores, t
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -14,7 +15,8 @@ import torch
 from fmask import __version__
 from fmask.device import resolve_device
 from fmask.errors import FmaskError
-from fmask.io import FORMAT_VERSION, STEP_KEY, atomic_write_json, check_writable, read_json, sha256_file, step_is_current
+from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_write_json, check_writable, output_lock, read_json, seal_json,
+                      sha256_file, step_is_current)
 from fmask.label.labeled import load_labeled
 from fmask.pool.pool import load_pool
 from fmask.query.base import ProgressFn, QueryContext
@@ -43,7 +45,8 @@ def run_query(*, ckpt: str | os.PathLike, out: str | os.PathLike, strategy: str,
               mask: Optional[str | os.PathLike] = None, seed: int = 0, device: str = "auto",
               options: Optional[dict[str, Any]] = None, batch_size: int = 256, force: bool = False,
               progress: Optional[ProgressFn] = None) -> QueryResult:
-    out, options = Path(out), dict(options or {})
+    # Unset options (None) mean "the strategy's default" and are not recorded.
+    out, options = Path(out), {k: v for k, v in (options or {}).items() if v is not None}
     chosen = get_strategy(strategy)
     if batch <= 0:
         raise FmaskError(f"--batch {batch} must be positive")
@@ -69,26 +72,31 @@ def run_query(*, ckpt: str | os.PathLike, out: str | os.PathLike, strategy: str,
         raise FmaskError(f"strategy {strategy!r} needs --mask (run `fmask fisher --ckpt {ckpt} --out MASK` first)")
     inputs = {"checkpoint": checkpoint.hash, "pool": pool.hash, "labeled": labeled_set.hash, "mask": mask_hash}
     step = {"inputs": inputs, "strategy": strategy, "batch": batch, "seed": seed, "options": options}
-    if not force and step_is_current(out, step):
-        return QueryResult(out, True, read_json(out, what="query", made_by=QUERY))
-    check_writable(out)
+    with output_lock(out.parent, "query", outputs=(out.name,)):
+        if not force and step_is_current(out, step):
+            return QueryResult(out, True, read_json(out, what="query", made_by=QUERY))
+        check_writable(out)
 
-    torch_device = resolve_device(device)
-    context = QueryContext(model=checkpoint.model.to(torch_device), pool=pool, labeled_ids=list(labeled_set.ids),
-                           unlabeled_ids=candidates, device=torch_device, seed=seed, mask=mask_file, options=options,
-                           batch_size=batch_size, progress=progress)
-    started = time.perf_counter()
-    selection = chosen.select(context, batch)
-    seconds = time.perf_counter() - started
-    check_selection(selection.ids, candidates, batch, strategy)
-    data = {
-        "format": FORMAT_VERSION, "kind": "query", "fmask_version": __version__, "strategy": strategy,
-        "batch": batch, "seed": seed, "round": labeled_set.round + 1, "selected": [int(i) for i in selection.ids],
-        "scores": [float(s) for s in selection.scores], "seconds": seconds, "options": options,
-        "inputs": inputs, "checkpoint_path": str(Path(ckpt).resolve()), "pool_dir": str(pool_dir.resolve()),
-        "labeled_path": str(labeled_path.resolve()), STEP_KEY: step,
-    }
-    atomic_write_json(out, data)
+        torch_device = resolve_device(device)
+        context = QueryContext(model=checkpoint.model.to(torch_device), pool=pool, labeled_ids=list(labeled_set.ids),
+                               unlabeled_ids=candidates, device=torch_device, seed=seed, mask=mask_file,
+                               options=options, batch_size=batch_size, progress=progress)
+        started = time.perf_counter()
+        selection = chosen.select(context, batch)
+        seconds = time.perf_counter() - started
+        check_selection(selection.ids, candidates, batch, strategy)
+        if any(math.isnan(float(score)) for score in selection.scores):
+            # NaN ranks nothing: the ids would be arbitrary, so no query is written (±inf is a valid score).
+            raise FmaskError(f"strategy {strategy!r} scored candidates NaN (checkpoint {ckpt} gives non-finite outputs "
+                             "on this pool); nothing was written; retrain it with `fmask train`")
+        data = seal_json({
+            "format": FORMAT_VERSION, "kind": "query", "fmask_version": __version__, "strategy": strategy,
+            "batch": batch, "seed": seed, "round": labeled_set.round + 1, "selected": [int(i) for i in selection.ids],
+            "scores": [float(s) for s in selection.scores], "seconds": seconds, "options": options,
+            "inputs": inputs, "checkpoint_path": str(Path(ckpt).resolve()), "pool_dir": str(pool_dir.resolve()),
+            "labeled_path": str(labeled_path.resolve()), STEP_KEY: step,
+        })
+        atomic_write_json(out, data)
     return QueryResult(out, False, data)
 
 

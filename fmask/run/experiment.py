@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from fmask import paths
 from fmask.errors import FmaskError
-from fmask.io import atomic_path, atomic_write_json, read_json
+from fmask.io import atomic_path, atomic_write_json, output_lock, read_json
 from fmask.label.labeled import load_labeled
 from fmask.pool.pool import load_pool
 from fmask.train.checkpoint import load_checkpoint
@@ -74,7 +74,7 @@ SMALL = dict(model="cnn", epochs=30, test_per_class=300)
 SMALL_ROUNDS = {"setting1-low": 4, "setting1-high": 4, "setting2": 4}
 # The demo: nine small classes and one large, the shape of Setting 2, scaled to the 1,348 train digits.
 DEMO = dict(dataset="digits", class_counts=[25] * 9 + [130], initial=20, batch=20, rounds=5, model="cnn",
-            epochs=40, train_batch_size=16, sparsity=0.01, device="cpu")
+            epochs=40, train_batch_size=16, sparsity=0.05, device="cpu")
 
 
 def preset_config(name: str, *, small: bool = False, **overrides: Any) -> ExperimentConfig:
@@ -133,13 +133,17 @@ class StepTimer:
     def record(self, *, step: str, strategy: str, seed: int, round_: int, seconds: float) -> None:
         new = not self.path.exists()
         # Appending a short line is atomic enough: a torn last line is dropped by the reader.
-        with open(self.path, "a", newline="") as handle:
-            writer = csv.writer(handle)
-            if new:
-                writer.writerow(["step", "strategy", "seed", "round", "seconds"])
-            writer.writerow([step, strategy, seed, round_, f"{seconds:.4f}"])
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(self.path, "a", newline="") as handle:
+                writer = csv.writer(handle)
+                if new:
+                    writer.writerow(["step", "strategy", "seed", "round", "seconds"])
+                writer.writerow([step, strategy, seed, round_, f"{seconds:.4f}"])
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise FmaskError(f"could not write {self.path}: {exc.strerror or exc}; free space or choose another "
+                             "--out") from exc
 
 
 def remove_stale_temp_files(out: Path) -> int:
@@ -158,6 +162,16 @@ def run_experiment(*, out: str | os.PathLike, config: ExperimentConfig, progress
     """Run (or resume) the whole grid; returns the results directory."""
     out = Path(out)
     validate(config)
+    if out.exists() and not out.is_dir():
+        raise FmaskError(f"--out {out} is a file; give a directory for the results")
+    # The whole tree is this run's: another command writing anywhere below it is refused, and the reverse.
+    with output_lock(out, "run", tree=True):
+        return _run_locked(out, config, progress, on_step)
+
+
+def _run_locked(out: Path, config: ExperimentConfig, progress: Optional[ProgressFn],
+                on_step: Optional[Callable[[str, int, int], None]]) -> Path:
+    """run_experiment's work, done while holding the lock of the results tree."""
     recorded = out / paths.EXPERIMENT_JSON
     if recorded.is_file():
         previous = read_json(recorded, what="experiment config", made_by="fmask run")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from fmask import __version__, paths
 from fmask.device import resolve_device
 from fmask.errors import FmaskError
-from fmask.io import check_writable, step_is_current
+from fmask.io import check_writable, output_lock, step_is_current
 from fmask.label.labeled import load_labeled
 from fmask.pool.pool import Pool, load_pool
 from fmask.query.base import ProgressFn
@@ -205,6 +205,13 @@ def train(*, pool_dir: str | os.PathLike, labeled: Optional[str | os.PathLike], 
     build_model(config.model, in_channels=pool.image_shape[0], num_classes=pool.num_classes)  # validate the name
     step_config = {k: v for k, v in asdict(config).items() if k not in PLACEMENT_ONLY}
     step = {"pool": pool.hash, "labeled": labeled_set.hash, "config": step_config}
+    with output_lock(out.parent, "train", outputs=(out.name, paths.METRICS_CSV)):
+        return _train_locked(out, step, pool, labeled_set, config, torch_device, force, progress)
+
+
+def _train_locked(out: Path, step: dict, pool: Pool, labeled_set, config: TrainConfig, torch_device: torch.device,
+                  force: bool, progress: Optional[ProgressFn]) -> TrainResult:
+    """train's work, done while holding the lock of the checkpoint's directory."""
     if not force and step_is_current(out, step):
         metrics = load_checkpoint(out).metrics
         # A run killed between the checkpoint and its metrics row gets the row now.
