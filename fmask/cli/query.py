@@ -1,8 +1,10 @@
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from fmask import distributed
 from fmask.cli import app
 from fmask.cli.ui import done, progress_callback
 from fmask.query.registry import list_strategies
@@ -27,11 +29,16 @@ def query_command(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     force: bool = typer.Option(False, help="Rerun even if the output exists with the same inputs."),
 ) -> None:
-    """Select the next batch from the unlabeled pool with a registered strategy."""
+    """Select the next batch from the unlabeled pool with a registered strategy.
+
+    Under `torchrun --nproc-per-node K -m fmask query ...` fishermask and bait shard the pool over the processes."""
+    distributed.init_from_env(device)
     options = {"lamb": lamb, "backward_steps": backward_steps, "float64": float64, "chunk_size": chunk_size,
                "precision": precision}
-    with progress_callback() as progress:
+    with progress_callback() if distributed.is_main() else nullcontext(None) as progress:
         result = run_query(ckpt=ckpt, out=out, strategy=strategy, batch=batch, pool_dir=pool, labeled=labeled,
                            mask=mask, seed=seed, device=device, options=options, force=force, progress=progress)
+    if not distributed.is_main():
+        return  # rank 0 speaks for the group
     verb = "unchanged, skipped" if result.skipped else f"written in {result.data['seconds']:.2f} s"
     done(f"query {result.out} {verb}: {len(result.data['selected'])} ids by {result.data['strategy']}")

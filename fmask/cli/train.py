@@ -1,8 +1,10 @@
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from fmask import distributed
 from fmask.cli import app
 from fmask.cli.ui import done, progress_callback
 from fmask.train.trainer import TrainConfig, train
@@ -30,14 +32,19 @@ def train_command(
                                                         "images on the device (automatic when they do not fit)."),
     force: bool = typer.Option(False, help="Retrain even if the checkpoint exists with the same inputs."),
 ) -> None:
-    """Train from scratch on the labeled set, evaluate on the test split, write a checkpoint."""
+    """Train from scratch on the labeled set, evaluate on the test split, write a checkpoint.
+
+    Under `torchrun --nproc-per-node K -m fmask train ...` it trains with DistributedDataParallel."""
+    distributed.init_from_env(device)
     config = TrainConfig(model=model, lr=lr, batch_size=batch_size, max_epochs=epochs,
                          target_train_accuracy=target_accuracy, grad_clamp=grad_clamp or None, augment=augment,
                          seed=seed, precision=precision, channels_last=channels_last, compile=compile_model,
                          stream=stream)
-    with progress_callback() as progress:
+    with progress_callback() if distributed.is_main() else nullcontext(None) as progress:
         result = train(pool_dir=pool, labeled=labeled, out=out, config=config, device=device, force=force,
                        progress=progress)
+    if not distributed.is_main():
+        return  # rank 0 speaks for the group
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     m = result.metrics

@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from fmask import __version__
+from fmask import __version__, distributed
 from fmask.device import resolve_device
 from fmask.errors import FmaskError
 from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_write_json, check_writable, output_lock, read_json, seal_json,
@@ -72,10 +73,19 @@ def run_query(*, ckpt: str | os.PathLike, out: str | os.PathLike, strategy: str,
         raise FmaskError(f"strategy {strategy!r} needs --mask (run `fmask fisher --ckpt {ckpt} --out MASK` first)")
     inputs = {"checkpoint": checkpoint.hash, "pool": pool.hash, "labeled": labeled_set.hash, "mask": mask_hash}
     step = {"inputs": inputs, "strategy": strategy, "batch": batch, "seed": seed, "options": options}
-    with output_lock(out.parent, "query", outputs=(out.name,)):
-        if not force and step_is_current(out, step):
-            return QueryResult(out, True, read_json(out, what="query", made_by=QUERY))
-        check_writable(out)
+    # Under torchrun every rank runs the strategy (the Fisher-greedy ones shard their work); rank 0 alone locks,
+    # decides whether the output is current and writes it. Single-process, main_decides just calls the function.
+    with ExitStack() as held:
+        def lock_and_check() -> Optional[dict]:
+            held.enter_context(output_lock(out.parent, "query", outputs=(out.name,)))
+            if not force and step_is_current(out, step):
+                return read_json(out, what="query", made_by=QUERY)
+            check_writable(out)
+            return None
+
+        current = distributed.main_decides(lock_and_check)
+        if current is not None:
+            return QueryResult(out, True, current)
 
         torch_device = resolve_device(device)
         context = QueryContext(model=checkpoint.model.to(torch_device), pool=pool, labeled_ids=list(labeled_set.ids),
@@ -96,7 +106,9 @@ def run_query(*, ckpt: str | os.PathLike, out: str | os.PathLike, strategy: str,
             "inputs": inputs, "checkpoint_path": str(Path(ckpt).resolve()), "pool_dir": str(pool_dir.resolve()),
             "labeled_path": str(labeled_path.resolve()), STEP_KEY: step,
         })
-        atomic_write_json(out, data)
+        if distributed.is_main():
+            atomic_write_json(out, data)
+        distributed.barrier()  # the query exists on disk before any rank returns
     return QueryResult(out, False, data)
 
 

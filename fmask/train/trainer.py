@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -19,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fmask import __version__, paths
+from fmask import __version__, distributed, paths
 from fmask.device import resolve_device
 from fmask.errors import FmaskError
 from fmask.io import check_writable, output_lock, step_is_current
@@ -103,6 +104,12 @@ class TrainLoop:
 
     ``images`` are the labeled uint8 images (n, C, H, W) on any device; ``config.precision`` must be resolved
     (see :func:`validate_config`). The model is trained in place (converted to channels-last when asked).
+
+    Under torchrun (a process group of W ranks) the model is wrapped in DistributedDataParallel: every rank draws
+    the same epoch (order, crops, flips) from the same seed, each ``batch_size`` batch is split into W contiguous
+    parts, and each rank's loss is its part's sum scaled so that DDP's gradient average is the mean over the whole
+    batch. What differs from one process: BatchNorm normalises each part with its own statistics (and the running
+    statistics kept are rank 0's), and the gradient sum is added in another order.
     """
 
     def __init__(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
@@ -113,7 +120,17 @@ class TrainLoop:
         self.model, self.config, self.device = model, config, device
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.step_model = torch.compile(model, dynamic=False) if config.compile else model
+        self.world = distributed.world_size()
+        step_model = model
+        if self.world > 1:
+            if config.batch_size < 2 * self.world:
+                raise FmaskError(f"--batch-size {config.batch_size} gives some of the {self.world} processes fewer "
+                                 f"than 2 samples per step; use --batch-size {2 * self.world} or more")
+            from torch.nn.parallel import DistributedDataParallel
+
+            step_model = DistributedDataParallel(
+                model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
+        self.step_model = torch.compile(step_model, dynamic=False) if config.compile else step_model
         self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         # fp16 needs loss scaling against gradient underflow; bf16 has fp32's exponent range and does not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
@@ -135,15 +152,23 @@ class TrainLoop:
         dy, dx, flips, order_on_device = (t.to(device) for t in (dy, dx, flips, order))
         batch_order = order if self.batches.stream else order_on_device
         correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no sync per step
-        for start in range(0, n, config.batch_size):
-            stop = min(start + config.batch_size, n)
-            if stop - start < 2 and n >= 2:  # BatchNorm needs two samples; the lone one is seen next epoch
+        for batch_start in range(0, n, config.batch_size):
+            batch_stop = min(batch_start + config.batch_size, n)
+            # BatchNorm needs two samples (on every rank); the lone ones are seen next epoch.
+            if batch_stop - batch_start < 2 * self.world and n >= 2:
                 continue
+            start, stop = batch_start, batch_stop
+            if self.world > 1:  # this rank's part of the batch
+                part_start, part_stop = distributed.shard_bounds(batch_stop - batch_start)
+                start, stop = batch_start + part_start, batch_start + part_stop
             images = self.batches.batch(batch_order[start:stop], dy[start:stop], dx[start:stop], flips[start:stop])
             labels = self.labels[order_on_device[start:stop]]
             with autocast(config.precision, device):
                 logits = self.step_model(self.normalize(images))
-                loss = F.cross_entropy(logits, labels)
+                if self.world > 1:  # DDP averages over ranks: W x (part sum / batch size) averages to the mean
+                    loss = F.cross_entropy(logits, labels, reduction="sum") * (self.world / (batch_stop - batch_start))
+                else:
+                    loss = F.cross_entropy(logits, labels)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if config.grad_clamp is not None:
@@ -154,7 +179,8 @@ class TrainLoop:
             correct += (logits.argmax(1) == labels).sum()
         self.epochs_done += 1
         self.model.eval()
-        return int(correct) / max(n, 1)
+        # Every rank must see the same accuracy, or they would stop at different epochs.
+        return int(distributed.all_reduce_sum(correct)) / max(n, 1)
 
 
 def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, pool: Pool, config: TrainConfig,
@@ -205,20 +231,30 @@ def train(*, pool_dir: str | os.PathLike, labeled: Optional[str | os.PathLike], 
     build_model(config.model, in_channels=pool.image_shape[0], num_classes=pool.num_classes)  # validate the name
     step_config = {k: v for k, v in asdict(config).items() if k not in PLACEMENT_ONLY}
     step = {"pool": pool.hash, "labeled": labeled_set.hash, "config": step_config}
-    with output_lock(out.parent, "train", outputs=(out.name, paths.METRICS_CSV)):
-        return _train_locked(out, step, pool, labeled_set, config, torch_device, force, progress)
+    if distributed.world_size() > 1:  # DDP training gives other weights than one process: not the same step
+        step["processes"] = distributed.world_size()
+    # Under torchrun every rank trains (DDP); rank 0 alone locks, decides whether the checkpoint is current and
+    # writes. Single-process, main_decides just calls the function.
+    with ExitStack() as held:
+        def lock_and_check() -> Optional[dict]:
+            held.enter_context(output_lock(out.parent, "train", outputs=(out.name, paths.METRICS_CSV)))
+            if not force and step_is_current(out, step):
+                metrics = load_checkpoint(out).metrics
+                # A run killed between the checkpoint and its metrics row gets the row now.
+                record_metrics(out, labeled_set=labeled_set, metrics=metrics, train_seed=config.seed)
+                return metrics
+            check_writable(out)
+            return None
+
+        current = distributed.main_decides(lock_and_check)
+        if current is not None:
+            return TrainResult(out, True, current)
+        return _train_locked(out, step, pool, labeled_set, config, torch_device, progress)
 
 
 def _train_locked(out: Path, step: dict, pool: Pool, labeled_set, config: TrainConfig, torch_device: torch.device,
-                  force: bool, progress: Optional[ProgressFn]) -> TrainResult:
-    """train's work, done while holding the lock of the checkpoint's directory."""
-    if not force and step_is_current(out, step):
-        metrics = load_checkpoint(out).metrics
-        # A run killed between the checkpoint and its metrics row gets the row now.
-        record_metrics(out, labeled_set=labeled_set, metrics=metrics, train_seed=config.seed)
-        return TrainResult(out, True, metrics)
-    check_writable(out)
-
+                  progress: Optional[ProgressFn]) -> TrainResult:
+    """train's work, done while rank 0 holds the lock of the checkpoint's directory."""
     pad = int(pool.manifest["augment"]["crop_pad"]) if config.augment else 0
     stream, note = plan_loader(pool, len(labeled_set.ids), torch_device, pad=pad, force_stream=config.stream)
     torch.manual_seed(config.seed)
@@ -231,11 +267,14 @@ def _train_locked(out: Path, step: dict, pool: Pool, labeled_set, config: TrainC
         torch.cuda.synchronize(torch_device)  # the clock must include the queued GPU work
     train_seconds = time.perf_counter() - started
     model.to(memory_format=torch.contiguous_format)  # checkpoints hold plain layouts whatever the training used
-    metrics = evaluate(model, pool, torch_device, precision=config.precision, channels_last=config.channels_last,
-                       stream=stream)
-    metrics.update(fit_stats, train_seconds=train_seconds, labeled=len(labeled_set.ids),
-                   loader="streaming" if stream else "resident", precision=config.precision)
-    save_checkpoint(out, model=model, config=replace(config, stream=stream), pool=pool, labeled_set=labeled_set,
-                    metrics=metrics, step=step, fmask_version=__version__)
-    record_metrics(out, labeled_set=labeled_set, metrics=metrics, train_seed=config.seed)
+    metrics = None
+    if distributed.is_main():  # the others wait: one evaluation, one writer
+        metrics = evaluate(model, pool, torch_device, precision=config.precision,
+                           channels_last=config.channels_last, stream=stream)
+        metrics.update(fit_stats, train_seconds=train_seconds, labeled=len(labeled_set.ids),
+                       loader="streaming" if stream else "resident", precision=config.precision)
+        save_checkpoint(out, model=model, config=replace(config, stream=stream), pool=pool,
+                        labeled_set=labeled_set, metrics=metrics, step=step, fmask_version=__version__)
+        record_metrics(out, labeled_set=labeled_set, metrics=metrics, train_seed=config.seed)
+    metrics = distributed.broadcast_object(metrics)
     return TrainResult(out, False, metrics, [note] if note else [])

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from fmask import distributed
 from fmask.errors import FmaskError
 from fmask.query.base import QueryContext, Selection, Strategy
 from fmask.query.fisher_greedy import default_memory_limit, fisher_greedy_detailed, plan_fisher_greedy
@@ -34,7 +35,8 @@ def bait_embeddings(probs: torch.Tensor, features: torch.Tensor) -> torch.Tensor
     eye = torch.eye(num_classes, dtype=features.dtype, device=features.device)
     # d log p_y / d logits = e_y - p; d logits_k / d W_kj = h_j.
     coefficients = probs.sqrt().unsqueeze(2) * (eye.unsqueeze(0) - probs.unsqueeze(1))  # (n, y, k)
-    return (coefficients.unsqueeze(3) * features[:, None, None, :]).reshape(n, num_classes, -1)
+    width = num_classes * features.shape[1]  # explicit: an empty shard (n = 0) cannot infer it
+    return (coefficients.unsqueeze(3) * features[:, None, None, :]).reshape(n, num_classes, width)
 
 
 def _option(options: dict[str, Any], name: str, kind: type, default: Any) -> Any:
@@ -55,6 +57,10 @@ class BaitStrategy(Strategy):
         memory_limit = _option(options, "memory_limit", int, None)
 
         candidates, labeled = list(ctx.unlabeled_ids), list(ctx.labeled_ids)
+        if distributed.is_distributed():
+            return self._select_sharded(ctx, batch, candidates, labeled, lamb=lamb, dtype=dtype,
+                                        backward_steps=backward_steps, chunk_size=chunk_size,
+                                        memory_limit=memory_limit)
         num_classes, width = ctx.model.head.out_features, ctx.model.head.in_features
         rank, dim = num_classes, num_classes * width
         # Fail on shapes before any forward pass or embedding is built.
@@ -79,6 +85,20 @@ class BaitStrategy(Strategy):
             chunk_size=chunk_size, device=ctx.device, memory_limit=memory_limit, shrink_hint=_SHRINK_HINT,
             progress=ctx.progress,
         )
+        return Selection(ids=[candidates[p] for p in result.positions], scores=result.gains)
+
+    def _select_sharded(self, ctx: QueryContext, batch: int, candidates: list[int], labeled: list[int],
+                        **engine: Any) -> Selection:
+        """Under torchrun: each rank forwards and embeds only its block of candidates and labeled samples."""
+        from fmask.query.fisher_greedy_dist import fisher_greedy_distributed
+
+        dtype = engine["dtype"]
+        # Blocks of whole forward batches: each rank's batches are the ones a single process would run.
+        pool = self._embeddings(ctx, distributed.shard(candidates, align=ctx.batch_size), dtype)
+        local_labeled = distributed.shard(labeled, align=ctx.batch_size)
+        labeled_embeddings = self._embeddings(ctx, local_labeled, dtype) if local_labeled else None
+        result = fisher_greedy_distributed(pool, batch, labeled_embeddings, device=ctx.device,
+                                           shrink_hint=_SHRINK_HINT, progress=ctx.progress, **engine)
         return Selection(ids=[candidates[p] for p in result.positions], scores=result.gains)
 
     @staticmethod
