@@ -17,6 +17,10 @@ def __getattr__(name: str):
         from fmask.query.fisher_greedy import fisher_greedy
 
         return fisher_greedy
+    if name in ("run_fisher", "load_mask", "fisher_diagonal", "masked_embeddings", "top_k_mask"):
+        import fmask.fisher
+
+        return getattr(fmask.fisher, name)
     if name in ("list_strategies", "register_strategy", "get_strategy"):
         from fmask.query import registry
 
@@ -25,4 +29,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["__version__", "load_model", "load_pool", "fisher_greedy", "list_strategies", "register_strategy",
-           "get_strategy"]
+           "get_strategy", "run_fisher", "load_mask", "fisher_diagonal", "masked_embeddings", "top_k_mask"]

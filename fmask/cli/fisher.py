@@ -1,0 +1,59 @@
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from fmask import distributed
+from fmask.cli import app
+from fmask.cli.ui import console, done, progress_callback
+from fmask.fisher.grads import DEFAULT_BATCH_SIZE
+from fmask.fisher.profile import mask_profile_from_file
+from fmask.distributed_fisher import run_fisher_distributed
+from fmask.fisher.step import EMBED_DTYPES
+
+
+@app.command("fisher")
+def fisher_command(
+    ckpt: Path = typer.Option(..., help="Checkpoint from `fmask train`."),
+    out: Path = typer.Option(..., help="Mask file (.safetensors) to write; embeddings are cached beside it."),
+    pool: Optional[Path] = typer.Option(None, help="Pool directory (default: the one the checkpoint records)."),
+    labeled: Optional[Path] = typer.Option(None, help="Labeled set (default: the one the checkpoint was trained on)."),
+    sparsity: float = typer.Option(0.002, help="Share of all parameters to keep: k = round(sparsity x parameters)."),
+    samples: Optional[int] = typer.Option(None, help="Average the Fisher over N unlabeled samples, stratified by "
+                                                     "predicted class (default: all of them)."),
+    head: bool = typer.Option(True, "--head/--no-head", help="Always keep the classifier layer (head.*) in the "
+                                                             "mask, counting toward k; --no-head: plain top-k."),
+    seed: int = typer.Option(0, help="Seed for --samples."),
+    embed_dtype: str = typer.Option("float32", help=f"Embedding cache dtype: {' | '.join(EMBED_DTYPES)}."),
+    embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings",
+                                    help="Also compute the masked gradient embeddings `fmask query` uses."),
+    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, help="Samples per forward/backward chunk (memory bound)."),
+    profile: bool = typer.Option(False, "--profile", help="Print the share of masked parameters per layer."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    force: bool = typer.Option(False, help="Recompute even if the mask exists with the same inputs."),
+) -> None:
+    """Rank every parameter by its exact diagonal Fisher on the unlabeled pool and keep the top k (FisherMask)."""
+    distributed.init_from_env(device)  # under torchrun: shard the pool; rank 0 alone writes and prints
+    with progress_callback() if distributed.is_main() else nullcontext(None) as progress:
+        result = run_fisher_distributed(ckpt=ckpt, out=out, pool_dir=pool, labeled=labeled, sparsity=sparsity,
+                                        samples=samples, head=head, seed=seed, device=device, embed_dtype=embed_dtype,
+                                        embeddings=embeddings,
+                                        batch_size=batch_size, force=force, progress=progress)
+    if not distributed.is_main():
+        return
+    if result.head_fills_mask:
+        typer.echo(f"note: k={result.k} is no more than the classifier layer's size, so the mask holds only head "
+                   f"entries (its top {result.k}); raise --sparsity or use --no-head", err=True)
+    if profile:
+        table = Table(title=f"Masked parameters per layer ({result.out.name})")
+        for column in ("layer", "parameters", "masked", "share"):
+            table.add_column(column, justify="left" if column == "layer" else "right")
+        for row in mask_profile_from_file(result.out):
+            table.add_row(row.layer, f"{row.parameters:,}", f"{row.masked:,}", f"{100 * row.share:.3f}%")
+        console.print(table)
+    verb = "unchanged, skipped" if result.skipped else f"written in {result.seconds:.1f} s"
+    where = f"; embeddings cached in {result.embeddings}" if result.embeddings else ""
+    done(f"mask {result.out} {verb}: k={result.k:,} of {result.num_parameters:,} parameters "
+         f"({'head kept' if result.head else 'plain top-k'}), Fisher over {result.samples} unlabeled samples{where}")

@@ -1,0 +1,350 @@
+"""``fmask fisher``: the exact diagonal Fisher of a checkpoint on its unlabeled pool, the top-k mask, and the
+masked gradient embeddings that the ``fishermask`` query strategy selects with.
+
+The mask file (safetensors) holds, for every parameter N of the model, ``fisher.N`` (float32, N's shape)
+and ``mask.N`` (bool, N's shape); its metadata records sparsity, k, head, sample count, the checkpoint's
+hash, the fmask version, the parameter order and the step key (inputs' hashes and parameters) that lets a
+rerun with the same inputs skip. The embeddings (unlabeled and labeled samples, (N, classes, k)) are cached
+beside it (``fmask.paths.embeddings_cache``), keyed by the mask file's hash and the sample ids.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+import fmask
+from fmask import paths
+from fmask.device import resolve_device
+from fmask.errors import FmaskError
+from fmask.fisher.grads import DEFAULT_BATCH_SIZE, ProgressFn, fisher_diagonal, masked_embeddings
+from fmask.fisher.mask import MaskColumns, is_head_parameter, mask_size, top_k_mask
+from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_save_safetensors, check_writable, output_lock,
+                      read_safetensors, sha256_file, sha256_json, step_is_current)
+
+FISHER = "fmask fisher"
+MASK_KIND = "fisher-mask"
+EMBEDDINGS_KIND = "fisher-embeddings"
+EMBED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _fmask_version() -> str:
+    return str(getattr(fmask, "__version__", "unknown"))
+
+
+@dataclass
+class FisherResult:
+    out: Path
+    skipped: bool  # the mask (and its embeddings) were already current
+    k: int
+    num_parameters: int
+    samples: int  # unlabeled samples the Fisher diagonal averages over
+    head: bool
+    head_fills_mask: bool  # --head and the classifier layer alone holds k or more entries
+    embeddings: Optional[Path]  # the embeddings cache, or None when not asked for
+    seconds: float
+    metadata: dict = field(repr=False)
+
+
+@dataclass
+class MaskFile:
+    """A loaded ``fmask fisher`` output; ``embeddings()`` gives the cached gradient embeddings."""
+
+    path: Path
+    hash: str  # sha256 of the file
+    metadata: dict
+    masks: dict[str, torch.Tensor]  # parameter name -> bool tensor
+    fisher: dict[str, torch.Tensor]  # parameter name -> float32 tensor
+    parameter_names: list[str]  # model.named_parameters() order: the column order of the embeddings
+
+    @property
+    def k(self) -> int:
+        return int(self.metadata["k"])
+
+    @property
+    def sparsity(self) -> float:
+        return float(self.metadata["sparsity"])
+
+    @property
+    def head(self) -> bool:
+        return self.metadata["head"] == "true"
+
+    @property
+    def checkpoint_hash(self) -> str:
+        return self.metadata["checkpoint"]
+
+    @property
+    def columns(self) -> MaskColumns:
+        return MaskColumns.from_masks(self.masks, self.parameter_names)
+
+    def embeddings(
+        self,
+        model: torch.nn.Module,
+        pool,
+        unlabeled_ids: Sequence[int],
+        labeled_ids: Sequence[int],
+        *,
+        device: Optional[torch.device] = None,
+        dtype: Optional[str] = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        progress: Optional[ProgressFn] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V_unlabeled (N, r, k), V_labeled (L, r, k)) for these ids, columns in mask order.
+
+        Read from the cache beside the mask when it was made from this mask file for these ids (and, if
+        ``dtype`` is given, in that dtype); otherwise computed with ``model`` (the mask's checkpoint) in
+        ``dtype`` (default: the one ``fmask fisher`` was asked for) and written to the cache.
+        """
+        return self._embeddings(model, pool, unlabeled_ids, labeled_ids, device=device, dtype=dtype,
+                                batch_size=batch_size, progress=progress)[:2]
+
+    def _embeddings(self, model, pool, unlabeled_ids, labeled_ids, *, device, dtype, batch_size, progress,
+                    force: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        if dtype is not None:
+            _check_dtype(dtype)
+        names = [name for name, _ in model.named_parameters()]
+        if names != self.parameter_names:
+            raise FmaskError(f"mask {self.path} was made for another architecture; rerun `{FISHER}` on this checkpoint")
+        cache = paths.embeddings_cache(self.path)
+        step = {"mask": self.hash, "unlabeled": sha256_json([int(i) for i in unlabeled_ids]),
+                "labeled": sha256_json([int(i) for i in labeled_ids])}
+        cached = None if force else self._read_cache(cache, step, dtype, len(unlabeled_ids), len(labeled_ids))
+        if cached is not None:  # reading needs no lock (nor a writable directory)
+            return (*cached, False)
+        with output_lock(cache.parent, "fisher", outputs=(cache.name,)):
+            cached = None if force else self._read_cache(cache, step, dtype, len(unlabeled_ids), len(labeled_ids))
+            if cached is not None:  # written meanwhile by another command
+                return (*cached, False)
+            return (*self._compute_embeddings(cache, step, model, pool, unlabeled_ids, labeled_ids, device=device,
+                                              dtype=dtype, batch_size=batch_size, progress=progress), True)
+
+    def _read_cache(self, cache: Path, step: dict, dtype: Optional[str], num_unlabeled: int, num_labeled: int
+                    ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        if not step_is_current(cache, step):
+            return None
+        try:
+            tensors, metadata = read_safetensors(cache, what="embeddings cache", made_by=FISHER)
+            unlabeled, labeled = tensors["unlabeled"], tensors["labeled"]
+        except (FmaskError, KeyError):
+            return None  # a damaged cache is recomputed
+        if (dtype is None or metadata.get("dtype") == dtype) and unlabeled.shape[0] == num_unlabeled \
+                and labeled.shape[0] == num_labeled and unlabeled.shape[2] == self.k:
+            return unlabeled, labeled
+        return None
+
+    def _compute_embeddings(self, cache: Path, step: dict, model, pool, unlabeled_ids, labeled_ids, *, device,
+                            dtype, batch_size, progress) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = dtype or self.metadata.get("embed_dtype", "float32")
+        _check_dtype(dtype)
+        num_classes = int(pool.num_classes)
+        check_embedding_memory(len(unlabeled_ids) + len(labeled_ids), num_classes, self.k, dtype)
+        check_writable(cache)
+        columns = self.columns
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        model = model.to(device)
+
+        def compute(ids: Sequence[int], task: str) -> torch.Tensor:
+            ids = [int(i) for i in ids]
+            report = (lambda _task, done, total: progress(task, done, total)) if progress else None
+            return masked_embeddings(
+                model, lambda positions: pool.inputs([ids[i] for i in positions]), columns,
+                num_samples=len(ids), batch_size=batch_size, dtype=EMBED_DTYPES[dtype], device=device,
+                num_classes=num_classes, progress=report,
+            )
+
+        unlabeled = compute(unlabeled_ids, "gradient embeddings")
+        labeled = compute(labeled_ids, "labeled-set embeddings")
+        tensors = {"unlabeled": unlabeled, "labeled": labeled,
+                   "unlabeled_ids": torch.tensor([int(i) for i in unlabeled_ids], dtype=torch.int64),
+                   "labeled_ids": torch.tensor([int(i) for i in labeled_ids], dtype=torch.int64)}
+        metadata = {"format": str(FORMAT_VERSION), "kind": EMBEDDINGS_KIND, "fmask_version": _fmask_version(),
+                    "mask": self.hash, "k": str(self.k), "dtype": dtype, STEP_KEY: json.dumps(step)}
+        atomic_save_safetensors(cache, tensors, metadata)
+        return unlabeled, labeled
+
+
+def _check_dtype(name: str) -> None:
+    if name not in EMBED_DTYPES:
+        raise FmaskError(f"unknown embedding dtype {name!r}; use one of: {', '.join(EMBED_DTYPES)}")
+
+
+def check_embedding_memory(samples: int, num_classes: int, k: int, dtype: str) -> None:
+    """Refuse, before any work, embeddings that would not fit in RAM."""
+    from fmask.query.fisher_greedy import default_memory_limit
+
+    need = samples * num_classes * k * torch.empty(0, dtype=EMBED_DTYPES[dtype]).element_size()
+    limit = default_memory_limit("cpu")
+    if need > limit:
+        raise FmaskError(
+            f"the gradient embeddings of {samples} samples x {num_classes} classes x k={k} need "
+            f"{need / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB usable; lower --sparsity, "
+            f"use --embed-dtype bfloat16, or subsample the pool"
+        )
+
+
+def load_mask(path: str | os.PathLike, *, checkpoint_hash: Optional[str]) -> MaskFile:
+    """Read a mask file, refusing one made from a checkpoint other than ``checkpoint_hash`` (None: no check)."""
+    path = Path(path)
+    tensors, metadata = read_safetensors(path, what="Fisher mask", made_by=FISHER)
+    needed = ("kind", "k", "sparsity", "head", "checkpoint", "parameters")
+    if metadata.get("kind") != MASK_KIND or any(key not in metadata for key in needed):
+        raise FmaskError(f"{path} is not an fmask Fisher mask; pass the file `{FISHER}` wrote")
+    if int(metadata.get("format", "0")) > FORMAT_VERSION:
+        raise FmaskError(f"mask {path} was written by a newer fmask (format {metadata['format']}); upgrade fmask")
+    if checkpoint_hash is not None and metadata["checkpoint"] != checkpoint_hash:
+        raise FmaskError(
+            f"mask {path} was made from another checkpoint (hash {metadata['checkpoint'][:12]}, this one is "
+            f"{checkpoint_hash[:12]}); rerun `{FISHER} --ckpt CKPT --out {path.name}` on this checkpoint"
+        )
+    try:
+        names = json.loads(metadata["parameters"])
+        masks = {name: tensors[f"mask.{name}"] for name in names}
+        fisher = {name: tensors[f"fisher.{name}"] for name in names}
+    except (KeyError, ValueError, TypeError) as exc:
+        raise FmaskError(f"mask {path} is incomplete (missing tensors); rerun `{FISHER}`") from exc
+    if any(mask.dtype != torch.bool for mask in masks.values()) or \
+            sum(int(mask.sum()) for mask in masks.values()) != int(metadata["k"]):
+        raise FmaskError(f"mask {path} is inconsistent (its masks do not hold k entries); rerun `{FISHER}`")
+    return MaskFile(path=path, hash=sha256_file(path), metadata=metadata, masks=masks, fisher=fisher,
+                    parameter_names=names)
+
+
+def stratified_subsample(ids: Sequence[int], predicted: Sequence[int], n: int, seed: int) -> list[int]:
+    """``n`` of ``ids`` drawn per predicted class in proportion to the class sizes (largest remainders round,
+    ties to the lower class), uniformly within a class under ``seed``; returned ascending."""
+    if n >= len(ids):
+        return sorted(int(i) for i in ids)
+    groups: dict[int, list[int]] = {}
+    for sample, cls in zip(ids, predicted):
+        groups.setdefault(int(cls), []).append(int(sample))
+    classes = sorted(groups)
+    exact = {c: n * len(groups[c]) / len(ids) for c in classes}
+    quota = {c: int(math.floor(exact[c])) for c in classes}
+    by_remainder = sorted(classes, key=lambda c: (-(exact[c] - quota[c]), c))
+    for c in by_remainder[: n - sum(quota.values())]:
+        quota[c] += 1
+    generator = torch.Generator().manual_seed(seed)
+    chosen: list[int] = []
+    for c in classes:
+        members = sorted(groups[c])
+        order = torch.randperm(len(members), generator=generator)[: quota[c]].tolist()
+        chosen.extend(members[i] for i in order)
+    return sorted(chosen)
+
+
+@torch.no_grad()
+def _predicted_classes(model: torch.nn.Module, pool, ids: list[int], device: torch.device, batch_size: int,
+                       progress: Optional[ProgressFn]) -> list[int]:
+    predicted: list[int] = []
+    for start in range(0, len(ids), batch_size):
+        x = pool.inputs(ids[start : start + batch_size]).to(device)
+        predicted.extend(model(x).argmax(dim=1).tolist())
+        if progress is not None:
+            progress("predicting classes", min(start + batch_size, len(ids)), len(ids))
+    return predicted
+
+
+def run_fisher(
+    *,
+    ckpt: str | os.PathLike,
+    out: str | os.PathLike,
+    pool_dir: Optional[str | os.PathLike] = None,
+    labeled: Optional[str | os.PathLike] = None,
+    sparsity: float = 0.002,
+    samples: Optional[int] = None,
+    head: bool = True,
+    seed: int = 0,
+    device: str = "auto",
+    embed_dtype: str = "float32",
+    embeddings: bool = True,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    force: bool = False,
+    progress: Optional[ProgressFn] = None,
+) -> FisherResult:
+    """Fisher diagonal over the unlabeled pool (or ``samples`` of it, stratified by predicted class), top-k
+    mask written to ``out``, and (``embeddings``) the masked gradient embeddings cached beside it."""
+    from fmask.label.labeled import load_labeled
+    from fmask.pool.pool import load_pool
+    from fmask.train.checkpoint import load_checkpoint
+
+    started = time.perf_counter()
+    out = Path(out)
+    if samples is not None and samples < 1:
+        raise FmaskError(f"--samples {samples} must be at least 1; omit it to use the whole unlabeled pool")
+    if batch_size < 1:
+        raise FmaskError(f"--batch-size {batch_size} must be at least 1")
+    _check_dtype(embed_dtype)
+    checkpoint = load_checkpoint(ckpt)
+    pool_dir = Path(pool_dir) if pool_dir is not None else Path(checkpoint.pool_dir)
+    pool = load_pool(pool_dir)
+    if pool.hash != checkpoint.pool_hash:
+        raise FmaskError(f"checkpoint {ckpt} was trained on another pool (hash {checkpoint.pool_hash[:12]}, "
+                         f"{pool_dir} has {pool.hash[:12]}); pass the --pool it was trained on")
+    labeled_path = Path(labeled) if labeled is not None else Path(checkpoint.labeled_path)
+    labeled_set = load_labeled(labeled_path, pool)
+    labeled_ids = [int(i) for i in labeled_set.ids]
+    taken = set(labeled_ids)
+    unlabeled = [int(i) for i in pool.ids if i not in taken]
+    if not unlabeled:
+        raise FmaskError(f"the unlabeled pool is empty (every sample of {pool_dir} is labeled); nothing to rank")
+    model = checkpoint.model
+    names = [name for name, _ in model.named_parameters()]
+    num_parameters = sum(p.numel() for p in model.parameters())
+    k = mask_size(sparsity, num_parameters)
+    head_size = sum(p.numel() for name, p in model.named_parameters() if is_head_parameter(name))
+    if head and head_size == 0:
+        raise FmaskError("--head needs parameters named 'head.*' and the model has none; use --no-head")
+    if embeddings:
+        check_embedding_memory(len(unlabeled) + len(labeled_ids), pool.num_classes, k, embed_dtype)
+    check_writable(out)
+    torch_device = resolve_device(device)
+
+    # --samples at least the pool size is the whole pool: same step, and the seed then plays no part.
+    subsample = samples if samples is not None and samples < len(unlabeled) else None
+    inputs = {"checkpoint": checkpoint.hash, "pool": pool.hash, "labeled": labeled_set.hash}
+    step = {"inputs": inputs, "sparsity": float(sparsity), "head": bool(head), "samples": subsample,
+            "seed": seed if subsample is not None else None}
+    cache = paths.embeddings_cache(out)
+    with output_lock(out.parent, "fisher", outputs=(out.name, cache.name)):
+        skipped = not force and step_is_current(out, step)
+        if not skipped:
+            model = model.to(torch_device)
+            chosen = unlabeled
+            if subsample is not None:
+                predicted = _predicted_classes(model, pool, unlabeled, torch_device, batch_size, progress)
+                chosen = stratified_subsample(unlabeled, predicted, subsample, seed)
+            fisher = fisher_diagonal(
+                model, lambda positions: pool.inputs([chosen[i] for i in positions]), num_samples=len(chosen),
+                batch_size=batch_size, device=torch_device, progress=progress,
+            )
+            stored = {name: value.float() for name, value in fisher.items()}
+            masks = top_k_mask(stored, k, head=head, order=names)
+            tensors = {f"fisher.{name}": stored[name] for name in names}
+            tensors.update({f"mask.{name}": masks[name] for name in names})
+            metadata = {
+                "format": str(FORMAT_VERSION), "kind": MASK_KIND, "fmask_version": _fmask_version(),
+                "sparsity": repr(float(sparsity)), "k": str(k), "head": "true" if head else "false",
+                "samples": str(len(chosen)), "num_parameters": str(num_parameters), "checkpoint": checkpoint.hash,
+                "pool": pool.hash, "labeled": labeled_set.hash, "arch": checkpoint.arch, "embed_dtype": embed_dtype,
+                "parameters": json.dumps(names), STEP_KEY: json.dumps(step),
+            }
+            atomic_save_safetensors(out, tensors, metadata)
+        mask_file = load_mask(out, checkpoint_hash=checkpoint.hash)
+        if embeddings:
+            computed = mask_file._embeddings(model, pool, unlabeled, labeled_ids, device=torch_device,
+                                             dtype=embed_dtype, batch_size=batch_size, progress=progress,
+                                             force=force)[2]
+            skipped = skipped and not computed
+    return FisherResult(
+        out=out, skipped=skipped, k=mask_file.k, num_parameters=num_parameters,
+        samples=int(mask_file.metadata.get("samples", 0)), head=mask_file.head,
+        head_fills_mask=mask_file.head and head_size >= mask_file.k, embeddings=cache if embeddings else None,
+        seconds=time.perf_counter() - started, metadata=mask_file.metadata,
+    )

@@ -1,0 +1,253 @@
+"""The exact Fisher diagonal and masked gradient embeddings against a per-(sample, class) autograd loop, and
+the top-k mask's rules (exactly k, deterministic ties, head forcing, column order)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmask.errors import FmaskError
+from fmask.fisher import grads
+from fmask.fisher.grads import fallback_parameters, fisher_diagonal, masked_embeddings, softmax_hessian_sqrt
+from fmask.fisher.mask import MaskColumns, mask_size, top_k_mask
+from fmask.fisher.profile import mask_profile, plot_mask_profile
+from fmask.fisher.step import stratified_subsample
+from fmask.train.models import build_model
+
+
+class ResidualNet(nn.Module):
+    """BatchNorm, an in-place ReLU on a BatchNorm output, a residual block whose shortcut is a strided conv,
+    asymmetric kernel/stride/dilation, grouped 'same' convs (zero and reflect padding, even kernel), plus
+    parameters only the generic fallback can serve (LayerNorm, a bare scale)."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(4)
+        self.stem_relu = nn.ReLU(inplace=True)
+        self.conv_a = nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))
+        self.bn_a = nn.BatchNorm2d(6)
+        self.conv_b = nn.Conv2d(6, 6, (2, 3), padding="same", groups=2, padding_mode="reflect")
+        self.conv_c = nn.Conv2d(6, 6, 2, padding="same", bias=False)
+        self.bn_c = nn.BatchNorm2d(6)
+        self.shortcut = nn.Conv2d(4, 6, (1, 3), stride=(2, 1))
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem_relu(self.stem_bn(self.stem(x)))
+        out = torch.relu_(self.bn_a(self.conv_a(h)))
+        out = self.bn_c(self.conv_c(self.conv_b(out)))
+        out = F.relu(out + self.shortcut(h)) * self.scale
+        return self.head(self.norm(out.mean((2, 3))))
+
+
+class SequenceNet(nn.Module):
+    """A Linear over a sequence dimension, BatchNorm1d, and one Linear applied twice (shared weights)."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.embed(x).transpose(1, 2)).transpose(1, 2)
+        h = self.shared(torch.tanh(self.shared(h)))
+        return self.head(h.mean(1))
+
+
+def _randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            c = module.num_features
+            module.running_mean.copy_(torch.rand(c, generator=generator, dtype=torch.float64) - 0.5)
+            module.running_var.copy_(torch.rand(c, generator=generator, dtype=torch.float64) + 0.5)
+            module.weight.data.copy_(torch.rand(c, generator=generator, dtype=torch.float64) + 0.5)
+            module.bias.data.copy_(torch.rand(c, generator=generator, dtype=torch.float64) - 0.5)
+
+
+def _case(name: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(1)
+    if name == "cnn":
+        model, x = build_model("cnn", in_channels=3, num_classes=3), torch.randn(4, 3, 7, 8, generator=generator)
+    elif name == "residual":
+        model, x = ResidualNet(), torch.randn(5, 3, 9, 10, generator=generator)
+    else:
+        model, x = SequenceNet(), torch.randn(5, 6, 3, generator=generator)
+    model = model.double().eval()
+    _randomize_batchnorm(model, generator)
+    return model, x.double()
+
+
+def _loop(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Reference: one torch.autograd.grad per (sample, class). Returns the Fisher diagonal and the full
+    per-class gradient rows sqrt(p_y) grad log p_y, (n, r, P) in named_parameters() order."""
+    names, params = zip(*model.named_parameters())
+    fisher = {name: torch.zeros_like(p) for name, p in zip(names, params)}
+    rows = []
+    for i in range(x.shape[0]):
+        log_p = torch.log_softmax(model(x[i : i + 1]), dim=-1)[0]
+        per_class = []
+        for y in range(log_p.shape[0]):
+            g = torch.autograd.grad(log_p[y], params, retain_graph=True, allow_unused=True)
+            g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)]
+            weight = log_p[y].detach().exp()
+            for name, gi in zip(names, g):
+                fisher[name] += weight * gi.square() / x.shape[0]
+            per_class.append(weight.sqrt() * torch.cat([gi.reshape(-1) for gi in g]))
+        rows.append(torch.stack(per_class))
+    return fisher, torch.stack(rows)
+
+
+ENGINES = {
+    "default": {},
+    # Every conv through the grouped weight-gradient kernel, embeddings by gathered pairs, tiny memory chunks.
+    "grouped+pairs": {"GROUPED_MIN_POSITIONS": 1, "MATMUL_PER_GATHER": 1e-9, "SMALL_MAPS_BATCHED": None,
+                      "max_elements": 64},
+    # Every conv through unfold and per-sample matmuls, embeddings by submatrix products, tiny chunks.
+    "unfold+submatrix": {"GROUPED_MIN_POSITIONS": 10**9, "MATMUL_PER_GATHER": 1e9, "SMALL_MAPS_BATCHED": False,
+                         "max_elements": 64},
+    # Every conv through unfold and batched matmuls (the accelerator path).
+    "unfold+batched": {"GROUPED_MIN_POSITIONS": 10**9, "MATMUL_PER_GATHER": 1.0, "SMALL_MAPS_BATCHED": True,
+                       "max_elements": 1 << 20},
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("case", ["cnn", "residual", "sequence"])
+def test_fisher_and_embeddings_equal_the_autograd_loop(case, engine, monkeypatch):
+    settings = dict(ENGINES[engine])
+    if "GROUPED_MIN_POSITIONS" in settings:
+        monkeypatch.setattr(grads._Conv2dTap, "GROUPED_MIN_POSITIONS", settings.pop("GROUPED_MIN_POSITIONS"))
+        monkeypatch.setattr(grads, "_MATMUL_PER_GATHER", settings.pop("MATMUL_PER_GATHER"))
+        monkeypatch.setattr(grads._Conv2dTap, "SMALL_MAPS_BATCHED", settings.pop("SMALL_MAPS_BATCHED"))
+    model, x = _case(case)
+    reference_fisher, reference_rows = _loop(model, x)
+
+    fisher = fisher_diagonal(model, x, batch_size=2, **settings)
+    assert list(fisher) == [name for name, _ in model.named_parameters()]
+    for name, value in fisher.items():
+        torch.testing.assert_close(value, reference_fisher[name], rtol=1e-4, atol=1e-12, msg=name)
+
+    # A random mask touching every parameter, so every layer's gather path is checked.
+    generator = torch.Generator().manual_seed(2)
+    masks = {name: torch.rand(p.shape, generator=generator) < 0.4 for name, p in model.named_parameters()}
+    columns = MaskColumns.from_masks(masks, list(fisher))
+    loader = lambda positions: x[positions]  # noqa: E731  (the loader form of inputs)
+    embeddings = masked_embeddings(model, loader, columns, num_samples=x.shape[0], batch_size=3,
+                                   dtype=torch.float64, **settings)
+    flat_mask = torch.cat([masks[name].reshape(-1) for name in fisher])
+    expected = reference_rows[:, :, flat_mask]
+    assert embeddings.shape == expected.shape == (x.shape[0], reference_rows.shape[1], columns.k)
+    torch.testing.assert_close(embeddings, expected, rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_unsupported_parameters_take_the_fallback_and_the_model_is_left_as_found():
+    model, x = _case("residual")
+    assert fallback_parameters(model, x) == ["scale", "norm.weight", "norm.bias"]
+    sequence, xs = _case("sequence")
+    assert fallback_parameters(sequence, xs) == ["shared.weight", "shared.bias"]  # called twice per forward
+    model.train()
+    model.stem.weight.requires_grad_(False)
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    fisher_diagonal(model, x)
+    assert model.training and not model.stem.weight.requires_grad and model.head.weight.requires_grad
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())  # no running-stat update
+
+
+def test_float32_matches_float64_and_embeddings_can_be_bfloat16():
+    model, x = _case("cnn")
+    exact = fisher_diagonal(model, x)
+    single = fisher_diagonal(model.float(), x.float())
+    for name in exact:
+        torch.testing.assert_close(single[name], exact[name], rtol=1e-3, atol=1e-7)
+    columns = MaskColumns.from_masks(top_k_mask(single, 600, head=True))
+    low = masked_embeddings(model, x.float(), columns, dtype=torch.bfloat16)
+    assert low.dtype == torch.bfloat16 and low.shape == (4, 3, 600)
+
+
+def test_softmax_hessian_sqrt_squares_to_the_softmax_hessian():
+    logits = torch.randn(4, 6, dtype=torch.float64)
+    p = torch.softmax(logits, dim=1)
+    s = softmax_hessian_sqrt(logits)
+    torch.testing.assert_close(s.transpose(1, 2) @ s, torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+
+
+def _fisher(values: dict[str, list[float]]) -> dict[str, torch.Tensor]:
+    return {name: torch.tensor(v) for name, v in values.items()}
+
+
+def test_top_k_mask_holds_exactly_k_and_breaks_ties_by_model_order():
+    fisher = _fisher({"a.weight": [1.0, 5.0, 5.0], "b.weight": [5.0, 2.0], "head.weight": [0.5, 0.1]})
+    masks = top_k_mask(fisher, 2, head=False)
+    assert masks["a.weight"].tolist() == [False, True, True] and not masks["b.weight"].any()
+    masks = top_k_mask(fisher, 4, head=False)
+    assert sum(int(m.sum()) for m in masks.values()) == 4
+    assert masks["b.weight"].tolist() == [True, True] and masks["a.weight"].tolist() == [False, True, True]
+    assert masks["head.weight"].tolist() == [False, False]
+    # The order argument, not the mapping's, defines "earlier".
+    masks = top_k_mask(fisher, 1, head=False, order=["b.weight", "a.weight", "head.weight"])
+    assert masks["b.weight"].tolist() == [True, False] and not masks["a.weight"].any()
+
+
+def test_head_is_always_in_the_mask_and_counts_toward_k():
+    fisher = _fisher({"a.weight": [1.0, 5.0, 3.0], "head.weight": [0.5, 0.1], "head.bias": [0.0]})
+    masks = top_k_mask(fisher, 4, head=True)
+    assert masks["head.weight"].all() and masks["head.bias"].all()
+    assert masks["a.weight"].tolist() == [False, True, False]
+    # When the head alone fills k, its own top-k entries are the mask.
+    masks = top_k_mask(fisher, 2, head=True)
+    assert masks["head.weight"].tolist() == [True, True] and masks["head.bias"].tolist() == [False]
+    assert not masks["a.weight"].any()
+    with pytest.raises(FmaskError, match="--no-head"):
+        top_k_mask({"a.weight": torch.ones(3)}, 1, head=True)
+    with pytest.raises(FmaskError, match="NaN"):
+        top_k_mask({"a.weight": torch.tensor([1.0, float("nan")])}, 1, head=False)
+
+
+def test_mask_size_rounds_half_up_and_refuses_bad_sparsity():
+    assert mask_size(0.002, 11_173_962) == 22_348
+    assert mask_size(0.25, 10) == 3  # 2.5 rounds up
+    assert mask_size(1.0, 7) == 7
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(FmaskError, match="--sparsity"):
+            mask_size(bad, 100)
+    with pytest.raises(FmaskError, match="keeps no parameter"):
+        mask_size(1e-4, 100)
+
+
+def test_columns_follow_parameter_order_then_row_major_indices():
+    masks = {"b": torch.tensor([[False, True], [True, False]]), "a": torch.tensor([True, False, True])}
+    columns = MaskColumns.from_masks(masks, ["a", "b"])
+    assert columns.k == 4 and columns.names == ("a", "b")
+    assert columns.indices[0].tolist() == [0, 2] and columns.indices[1].tolist() == [1, 2]
+    assert columns.of("b")[1:] == (2, 4)
+
+
+def test_mask_profile_rows_and_plot(tmp_path):
+    masks = {"conv.weight": torch.tensor([True, False, False, False]), "conv.bias": torch.tensor([True]),
+             "head.weight": torch.tensor([True, True])}
+    rows = mask_profile(masks)
+    assert [tuple(row) for row in rows] == [("conv", 5, 2, 0.4), ("head", 2, 2, 1.0)]
+    out = plot_mask_profile(rows, tmp_path / "profile.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stratified_subsample_keeps_class_proportions_and_is_seeded():
+    ids = list(range(100, 200))
+    predicted = [0] * 70 + [1] * 20 + [2] * 10
+    chosen = stratified_subsample(ids, predicted, 10, seed=3)
+    assert len(chosen) == 10 and chosen == sorted(chosen) and set(chosen) <= set(ids)
+    per_class = [sum(1 for i in chosen if predicted[i - 100] == c) for c in range(3)]
+    assert per_class == [7, 2, 1]
+    assert stratified_subsample(ids, predicted, 10, seed=3) == chosen
+    assert stratified_subsample(ids, predicted, 10, seed=4) != chosen
+    assert stratified_subsample(ids, predicted, 500, seed=3) == ids

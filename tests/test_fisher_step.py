@@ -1,0 +1,157 @@
+"""`fmask fisher` as a step: the safetensors layout, skip-if-unchanged, --head/--no-head, --samples, the
+embeddings cache, and the refusals (another checkpoint's mask, another pool, bad options)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import fmask
+from fmask import paths
+from fmask.errors import FmaskError
+from fmask.fisher import MaskColumns, fisher_diagonal, load_mask, masked_embeddings, run_fisher
+from fmask.label.labeled import load_labeled
+from fmask.pool.pool import load_pool
+from fmask.train.checkpoint import load_checkpoint
+from tests.conftest import invoke, snapshot
+
+SPARSITY = 0.05  # the tiny CNN has ~53k parameters: k ~ 2.7k, more than its 1,290 head parameters
+
+
+def _unlabeled_and_labeled(run):
+    pool = load_pool(run / "pool")
+    labeled = load_labeled(run / "pool" / "labeled.json", pool)
+    taken = set(labeled.ids)
+    return pool, [i for i in pool.ids if i not in taken], list(labeled.ids)
+
+
+def test_mask_file_layout_and_exact_fisher(run_dir):
+    out = run_dir / "fisher0.safetensors"
+    result = run_fisher(ckpt=run_dir / "round0.pt", out=out, sparsity=SPARSITY, device="cpu")
+    checkpoint = load_checkpoint(run_dir / "round0.pt")
+    model = checkpoint.model
+    names = [name for name, _ in model.named_parameters()]
+    num_parameters = sum(p.numel() for p in model.parameters())
+    k = round(SPARSITY * num_parameters)
+    assert not result.skipped and result.k == k and result.num_parameters == num_parameters
+
+    with safe_open(str(out), framework="pt") as handle:
+        metadata = handle.metadata()
+        keys = set(handle.keys())
+    assert keys == {f"fisher.{n}" for n in names} | {f"mask.{n}" for n in names}
+    assert metadata["sparsity"] == repr(SPARSITY) and metadata["k"] == str(k) and metadata["head"] == "true"
+    assert metadata["checkpoint"] == checkpoint.hash and metadata["fmask_version"] == fmask.__version__
+    assert json.loads(metadata["parameters"]) == names and "inputs" in json.loads(metadata["step"])
+
+    mask = load_mask(out, checkpoint_hash=checkpoint.hash)
+    pool, unlabeled, labeled = _unlabeled_and_labeled(run_dir)
+    assert int(metadata["samples"]) == len(unlabeled) == result.samples
+    for name, p in model.named_parameters():
+        assert mask.masks[name].dtype == torch.bool and mask.masks[name].shape == p.shape
+        assert mask.fisher[name].dtype == torch.float32 and mask.fisher[name].shape == p.shape
+    assert sum(int(m.sum()) for m in mask.masks.values()) == k
+    assert all(mask.masks[n].all() for n in names if n.startswith("head."))
+
+    # The stored Fisher is the mean over the unlabeled samples only (labeled ones excluded).
+    expected = fisher_diagonal(model, pool.inputs(unlabeled))
+    for name in names:
+        torch.testing.assert_close(mask.fisher[name], expected[name].float(), rtol=1e-4, atol=1e-10)
+
+    # The cached embeddings are V for the unlabeled pool and the labeled set, columns in mask order.
+    v_unlabeled, v_labeled = mask.embeddings(model, pool, unlabeled, labeled)
+    assert result.embeddings == paths.embeddings_cache(out) and result.embeddings.exists()
+    assert v_unlabeled.shape == (len(unlabeled), pool.num_classes, k) and v_unlabeled.dtype == torch.float32
+    columns = MaskColumns.from_masks(mask.masks, names)
+    direct = masked_embeddings(model, pool.inputs(labeled), columns)
+    torch.testing.assert_close(v_labeled, direct, rtol=1e-4, atol=1e-6)
+
+
+def test_rerun_skips_and_force_recomputes(run_dir):
+    out = run_dir / "fisher0.safetensors"
+    run_fisher(ckpt=run_dir / "round0.pt", out=out, sparsity=SPARSITY, device="cpu")
+    before = snapshot(run_dir)
+    again = run_fisher(ckpt=run_dir / "round0.pt", out=out, sparsity=SPARSITY, device="cpu")
+    assert again.skipped and snapshot(run_dir) == before
+    # A lost embeddings cache is rebuilt, equal, without redoing the mask.
+    cache = paths.embeddings_cache(out)
+    with safe_open(str(cache), framework="pt") as handle:
+        cached = {key: handle.get_tensor(key) for key in handle.keys()}
+    cache.unlink()
+    rebuilt = run_fisher(ckpt=run_dir / "round0.pt", out=out, sparsity=SPARSITY, device="cpu")
+    assert not rebuilt.skipped and snapshot(run_dir)[out.name] == before[out.name]
+    with safe_open(str(cache), framework="pt") as handle:
+        assert all(torch.equal(handle.get_tensor(key), value) for key, value in cached.items())
+    assert not run_fisher(ckpt=run_dir / "round0.pt", out=out, sparsity=SPARSITY, device="cpu", force=True).skipped
+    changed = run_fisher(ckpt=run_dir / "round0.pt", out=out, sparsity=SPARSITY / 2, device="cpu")
+    assert not changed.skipped and changed.k == round(SPARSITY / 2 * changed.num_parameters)
+
+
+def test_no_head_is_plain_top_k_and_samples_subsample_by_prediction(run_dir):
+    ckpt = run_dir / "round0.pt"
+    plain = run_fisher(ckpt=ckpt, out=run_dir / "plain.safetensors", sparsity=0.01, head=False,
+                       embeddings=False, device="cpu")
+    mask = load_mask(plain.out, checkpoint_hash=None)
+    values = torch.cat([mask.fisher[n].reshape(-1) for n in mask.parameter_names])
+    chosen = torch.cat([mask.masks[n].reshape(-1) for n in mask.parameter_names])
+    assert int(chosen.sum()) == plain.k and values[chosen].min() >= values[~chosen].max()
+    assert plain.embeddings is None and not paths.embeddings_cache(plain.out).exists()
+
+    first = run_fisher(ckpt=ckpt, out=run_dir / "s1.safetensors", sparsity=SPARSITY, samples=30, seed=5,
+                       embeddings=False, device="cpu")
+    second = run_fisher(ckpt=ckpt, out=run_dir / "s2.safetensors", sparsity=SPARSITY, samples=30, seed=5,
+                        embeddings=False, device="cpu")
+    assert first.samples == 30
+    a, b = load_mask(first.out, checkpoint_hash=None), load_mask(second.out, checkpoint_hash=None)
+    assert all(torch.equal(a.fisher[n], b.fisher[n]) for n in a.parameter_names)
+
+
+def test_mask_from_another_checkpoint_is_refused_by_query(run_dir):
+    out = run_dir / "fisher0.safetensors"
+    run_fisher(ckpt=run_dir / "round0.pt", out=out, sparsity=SPARSITY, device="cpu")
+    with pytest.raises(FmaskError, match="another checkpoint") as caught:
+        load_mask(out, checkpoint_hash="0" * 64)
+    assert "\n" not in str(caught.value)
+    result = invoke("train", "--pool", run_dir / "pool", "--model", "cnn", "--epochs", "1", "--seed", "1",
+                    "--device", "cpu", "--out", run_dir / "other.pt")
+    assert result.exit_code == 0, result.output
+    result = invoke("query", "--ckpt", run_dir / "other.pt", "--strategy", "fishermask", "--batch", "5",
+                    "--mask", out, "--device", "cpu", "--out", run_dir / "q.json")
+    assert result.exit_code == 2 and "another checkpoint" in result.output
+    assert not (run_dir / "q.json").exists()
+    # With its own checkpoint the query runs, from the cached embeddings.
+    result = invoke("query", "--ckpt", run_dir / "round0.pt", "--strategy", "fishermask", "--batch", "5",
+                    "--mask", out, "--device", "cpu", "--out", run_dir / "q.json")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads((run_dir / "q.json").read_text())["selected"]) == 5
+
+
+def test_bad_inputs_are_refused_before_anything_is_written(run_dir, tmp_path):
+    out = run_dir / "bad.safetensors"
+    result = invoke("fisher", "--ckpt", run_dir / "round0.pt", "--out", out, "--sparsity", "0", "--device", "cpu")
+    assert result.exit_code == 2 and "--sparsity" in result.output and not out.exists()
+    result = invoke("fisher", "--ckpt", run_dir / "round0.pt", "--out", out, "--samples", "0", "--device", "cpu")
+    assert result.exit_code == 2 and "--samples" in result.output and not out.exists()
+    result = invoke("fisher", "--ckpt", run_dir / "round0.pt", "--out", out, "--embed-dtype", "float16")
+    assert result.exit_code == 2 and "dtype" in result.output and not out.exists()
+    # A pool other than the checkpoint's is refused.
+    other = tmp_path / "other_pool"
+    result = invoke("build-pool", "--dataset", "digits", "--class-counts", "5,5,5,5,5,5,5,5,5,5", "--initial", "10",
+                    "--seed", "1", "--test-per-class", "5", "--out", other)
+    assert result.exit_code == 0, result.output
+    with pytest.raises(FmaskError, match="another pool"):
+        run_fisher(ckpt=run_dir / "round0.pt", out=out, pool_dir=other, device="cpu")
+    assert not out.exists()
+    with pytest.raises(FmaskError, match="does not exist"):
+        load_mask(run_dir / "missing.safetensors", checkpoint_hash=None)
+
+
+def test_cli_prints_the_profile(run_dir):
+    out = run_dir / "fisher0.safetensors"
+    result = invoke("fisher", "--ckpt", run_dir / "round0.pt", "--out", out, "--sparsity", str(SPARSITY),
+                    "--profile", "--no-embeddings", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "conv2" in result.output and "head" in result.output and "100.000%" in result.output
+    assert out.exists() and not paths.embeddings_cache(out).exists()
