@@ -21,12 +21,11 @@ from typing import Optional, Sequence
 import torch
 
 from fmask import distributed, paths
-from fmask.device import resolve_device
 from fmask.errors import FmaskError
 from fmask.fisher.grads import DEFAULT_BATCH_SIZE, fisher_diagonal, masked_embeddings
-from fmask.fisher.mask import MaskColumns, is_head_parameter, mask_size, top_k_mask
-from fmask.fisher.step import (EMBED_DTYPES, EMBEDDINGS_KIND, FISHER, MASK_KIND, FisherResult, check_embedding_memory,
-                               load_mask, run_fisher, stratified_subsample)
+from fmask.fisher.mask import MaskColumns
+from fmask.fisher.step import (EMBED_DTYPES, EMBEDDINGS_KIND, FISHER, FisherResult, load_mask, mask_artifact,
+                               prepare_fisher, run_fisher, stratified_subsample)
 from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_save_safetensors, check_writable, output_lock,
                       read_safetensors, sha256_json, step_is_current)
 from fmask.query.base import ProgressFn
@@ -137,47 +136,14 @@ def run_fisher_distributed(
         return run_fisher(ckpt=ckpt, out=out, pool_dir=pool_dir, labeled=labeled, sparsity=sparsity, samples=samples,
                           head=head, seed=seed, device=device, embed_dtype=embed_dtype, embeddings=embeddings,
                           batch_size=batch_size, force=force, progress=progress)
-    from fmask.label.labeled import load_labeled
-    from fmask.pool.pool import load_pool
-    from fmask.train.checkpoint import load_checkpoint
-
     started = time.perf_counter()
     out = Path(out)
-    # The same checks, in the same order, as run_fisher: every rank reads the same files, so every rank refuses.
-    if samples is not None and samples < 1:
-        raise FmaskError(f"--samples {samples} must be at least 1; omit it to use the whole unlabeled pool")
-    if batch_size < 1:
-        raise FmaskError(f"--batch-size {batch_size} must be at least 1")
-    if embed_dtype not in EMBED_DTYPES:
-        raise FmaskError(f"unknown embedding dtype {embed_dtype!r}; use one of: {', '.join(EMBED_DTYPES)}")
-    checkpoint = load_checkpoint(ckpt)
-    pool_dir = Path(pool_dir) if pool_dir is not None else Path(checkpoint.pool_dir)
-    pool = load_pool(pool_dir)
-    if pool.hash != checkpoint.pool_hash:
-        raise FmaskError(f"checkpoint {ckpt} was trained on another pool (hash {checkpoint.pool_hash[:12]}, "
-                         f"{pool_dir} has {pool.hash[:12]}); pass the --pool it was trained on")
-    labeled_path = Path(labeled) if labeled is not None else Path(checkpoint.labeled_path)
-    labeled_set = load_labeled(labeled_path, pool)
-    labeled_ids = [int(i) for i in labeled_set.ids]
-    taken = set(labeled_ids)
-    unlabeled = [int(i) for i in pool.ids if i not in taken]
-    if not unlabeled:
-        raise FmaskError(f"the unlabeled pool is empty (every sample of {pool_dir} is labeled); nothing to rank")
-    model = checkpoint.model
-    names = [name for name, _ in model.named_parameters()]
-    num_parameters = sum(p.numel() for p in model.parameters())
-    k = mask_size(sparsity, num_parameters)
-    head_size = sum(p.numel() for name, p in model.named_parameters() if is_head_parameter(name))
-    if head and head_size == 0:
-        raise FmaskError("--head needs parameters named 'head.*' and the model has none; use --no-head")
-    if embeddings:
-        check_embedding_memory(len(unlabeled) + len(labeled_ids), pool.num_classes, k, embed_dtype)
-    torch_device = resolve_device(device)
-
-    subsample = samples if samples is not None and samples < len(unlabeled) else None
-    inputs = {"checkpoint": checkpoint.hash, "pool": pool.hash, "labeled": labeled_set.hash}
-    step = {"inputs": inputs, "sparsity": float(sparsity), "head": bool(head), "samples": subsample,
-            "seed": seed if subsample is not None else None}
+    # The same checks as run_fisher: every rank reads the same files, so every rank refuses alike.
+    setup = prepare_fisher(ckpt=ckpt, pool_dir=pool_dir, labeled=labeled, sparsity=sparsity, samples=samples,
+                           head=head, seed=seed, device=device, embed_dtype=embed_dtype, embeddings=embeddings,
+                           batch_size=batch_size)
+    checkpoint, pool, model, torch_device = setup.checkpoint, setup.pool, setup.model, setup.device
+    unlabeled, labeled_ids, subsample, step = setup.unlabeled, setup.labeled_ids, setup.subsample, setup.step
     cache = paths.embeddings_cache(out)
     with ExitStack() as held:
         def lock_and_check() -> bool:
@@ -195,18 +161,8 @@ def run_fisher_distributed(
             fisher = sharded_fisher_diagonal(model, pool, chosen, batch_size=batch_size, device=torch_device,
                                              progress=progress)
             if distributed.is_main():
-                stored = {name: value.float() for name, value in fisher.items()}
-                masks = top_k_mask(stored, k, head=head, order=names)
-                tensors = {f"fisher.{name}": stored[name] for name in names}
-                tensors.update({f"mask.{name}": masks[name] for name in names})
-                metadata = {
-                    "format": str(FORMAT_VERSION), "kind": MASK_KIND, "fmask_version": _version(),
-                    "sparsity": repr(float(sparsity)), "k": str(k), "head": "true" if head else "false",
-                    "samples": str(len(chosen)), "num_parameters": str(num_parameters),
-                    "checkpoint": checkpoint.hash, "pool": pool.hash, "labeled": labeled_set.hash,
-                    "arch": checkpoint.arch, "embed_dtype": embed_dtype, "parameters": json.dumps(names),
-                    STEP_KEY: json.dumps(step),
-                }
+                tensors, metadata = mask_artifact(setup, fisher, sparsity=sparsity, head=head,
+                                                  embed_dtype=embed_dtype, samples_used=len(chosen))
                 atomic_save_safetensors(out, tensors, metadata)
             distributed.barrier()  # the others read the mask rank 0 just wrote
         mask_file = load_mask(out, checkpoint_hash=checkpoint.hash)
@@ -224,9 +180,9 @@ def run_fisher_distributed(
         skipped = skipped and not computed
         distributed.barrier()  # nobody returns (and releases nothing) before rank 0 has written
     return FisherResult(
-        out=out, skipped=skipped, k=mask_file.k, num_parameters=num_parameters,
+        out=out, skipped=skipped, k=mask_file.k, num_parameters=setup.num_parameters,
         samples=int(mask_file.metadata.get("samples", 0)), head=mask_file.head,
-        head_fills_mask=mask_file.head and head_size >= mask_file.k, embeddings=cache if embeddings else None,
+        head_fills_mask=mask_file.head and setup.head_size >= mask_file.k, embeddings=cache if embeddings else None,
         seconds=time.perf_counter() - started, metadata=mask_file.metadata,
     )
 

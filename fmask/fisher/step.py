@@ -251,6 +251,80 @@ def _predicted_classes(model: torch.nn.Module, pool, ids: list[int], device: tor
     return predicted
 
 
+@dataclass
+class FisherSetup:
+    """Everything ``fmask fisher`` checks and derives before any work (shared by the distributed path)."""
+
+    checkpoint: object
+    pool: object
+    pool_dir: Path
+    labeled_set: object
+    labeled_ids: list[int]
+    unlabeled: list[int]
+    model: torch.nn.Module
+    names: list[str]
+    num_parameters: int
+    k: int
+    head_size: int
+    device: torch.device
+    subsample: Optional[int]
+    step: dict
+
+
+def prepare_fisher(*, ckpt: str | os.PathLike, pool_dir: Optional[str | os.PathLike], labeled: Optional[str | os.PathLike],
+                   sparsity: float, samples: Optional[int], head: bool, seed: int, device: str, embed_dtype: str,
+                   embeddings: bool, batch_size: int) -> FisherSetup:
+    """Validate the inputs of ``fmask fisher`` (one FmaskError line each) and derive k, the ids and the step key."""
+    from fmask.train.checkpoint import open_round
+
+    if samples is not None and samples < 1:
+        raise FmaskError(f"--samples {samples} must be at least 1; omit it to use the whole unlabeled pool")
+    if batch_size < 1:
+        raise FmaskError(f"--batch-size {batch_size} must be at least 1")
+    _check_dtype(embed_dtype)
+    opened = open_round(ckpt, pool_dir=pool_dir, labeled=labeled)
+    checkpoint, pool, labeled_set, unlabeled = opened.checkpoint, opened.pool, opened.labeled_set, opened.unlabeled_ids
+    labeled_ids = [int(i) for i in labeled_set.ids]
+    if not unlabeled:
+        raise FmaskError(f"the unlabeled pool is empty (every sample of {opened.pool_dir} is labeled); nothing to rank")
+    model = checkpoint.model
+    names = [name for name, _ in model.named_parameters()]
+    num_parameters = sum(p.numel() for p in model.parameters())
+    k = mask_size(sparsity, num_parameters)
+    head_size = sum(p.numel() for name, p in model.named_parameters() if is_head_parameter(name))
+    if head and head_size == 0:
+        raise FmaskError("--head needs parameters named 'head.*' and the model has none; use --no-head")
+    if embeddings:
+        check_embedding_memory(len(unlabeled) + len(labeled_ids), pool.num_classes, k, embed_dtype)
+    torch_device = resolve_device(device)
+    # --samples at least the pool size is the whole pool: same step, and the seed then plays no part.
+    subsample = samples if samples is not None and samples < len(unlabeled) else None
+    inputs = {"checkpoint": checkpoint.hash, "pool": pool.hash, "labeled": labeled_set.hash}
+    step = {"inputs": inputs, "sparsity": float(sparsity), "head": bool(head), "samples": subsample,
+            "seed": seed if subsample is not None else None}
+    return FisherSetup(checkpoint, pool, opened.pool_dir, labeled_set, labeled_ids, unlabeled, model, names,
+                       num_parameters, k, head_size, torch_device, subsample, step)
+
+
+def mask_artifact(setup: FisherSetup, fisher: dict[str, torch.Tensor], *, sparsity: float, head: bool,
+                  embed_dtype: str, samples_used: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The mask file's tensors (``fisher.N`` float32, ``mask.N`` bool) and metadata."""
+    names = setup.names
+    stored = {name: value.float() for name, value in fisher.items()}
+    masks = top_k_mask(stored, setup.k, head=head, order=names)
+    tensors = {f"fisher.{name}": stored[name] for name in names}
+    tensors.update({f"mask.{name}": masks[name] for name in names})
+    metadata = {
+        "format": str(FORMAT_VERSION), "kind": MASK_KIND, "fmask_version": _fmask_version(),
+        "sparsity": repr(float(sparsity)), "k": str(setup.k), "head": "true" if head else "false",
+        "samples": str(samples_used), "num_parameters": str(setup.num_parameters),
+        "checkpoint": setup.checkpoint.hash, "pool": setup.pool.hash, "labeled": setup.labeled_set.hash,
+        "arch": setup.checkpoint.arch, "embed_dtype": embed_dtype, "parameters": json.dumps(names),
+        STEP_KEY: json.dumps(setup.step),
+    }
+    return tensors, metadata
+
+
 def run_fisher(
     *,
     ckpt: str | os.PathLike,
@@ -270,50 +344,17 @@ def run_fisher(
 ) -> FisherResult:
     """Fisher diagonal over the unlabeled pool (or ``samples`` of it, stratified by predicted class), top-k
     mask written to ``out``, and (``embeddings``) the masked gradient embeddings cached beside it."""
-    from fmask.label.labeled import load_labeled
-    from fmask.pool.pool import load_pool
-    from fmask.train.checkpoint import load_checkpoint
-
     started = time.perf_counter()
     out = Path(out)
-    if samples is not None and samples < 1:
-        raise FmaskError(f"--samples {samples} must be at least 1; omit it to use the whole unlabeled pool")
-    if batch_size < 1:
-        raise FmaskError(f"--batch-size {batch_size} must be at least 1")
-    _check_dtype(embed_dtype)
-    checkpoint = load_checkpoint(ckpt)
-    pool_dir = Path(pool_dir) if pool_dir is not None else Path(checkpoint.pool_dir)
-    pool = load_pool(pool_dir)
-    if pool.hash != checkpoint.pool_hash:
-        raise FmaskError(f"checkpoint {ckpt} was trained on another pool (hash {checkpoint.pool_hash[:12]}, "
-                         f"{pool_dir} has {pool.hash[:12]}); pass the --pool it was trained on")
-    labeled_path = Path(labeled) if labeled is not None else Path(checkpoint.labeled_path)
-    labeled_set = load_labeled(labeled_path, pool)
-    labeled_ids = [int(i) for i in labeled_set.ids]
-    taken = set(labeled_ids)
-    unlabeled = [int(i) for i in pool.ids if i not in taken]
-    if not unlabeled:
-        raise FmaskError(f"the unlabeled pool is empty (every sample of {pool_dir} is labeled); nothing to rank")
-    model = checkpoint.model
-    names = [name for name, _ in model.named_parameters()]
-    num_parameters = sum(p.numel() for p in model.parameters())
-    k = mask_size(sparsity, num_parameters)
-    head_size = sum(p.numel() for name, p in model.named_parameters() if is_head_parameter(name))
-    if head and head_size == 0:
-        raise FmaskError("--head needs parameters named 'head.*' and the model has none; use --no-head")
-    if embeddings:
-        check_embedding_memory(len(unlabeled) + len(labeled_ids), pool.num_classes, k, embed_dtype)
+    setup = prepare_fisher(ckpt=ckpt, pool_dir=pool_dir, labeled=labeled, sparsity=sparsity, samples=samples,
+                           head=head, seed=seed, device=device, embed_dtype=embed_dtype, embeddings=embeddings,
+                           batch_size=batch_size)
     check_writable(out)
-    torch_device = resolve_device(device)
-
-    # --samples at least the pool size is the whole pool: same step, and the seed then plays no part.
-    subsample = samples if samples is not None and samples < len(unlabeled) else None
-    inputs = {"checkpoint": checkpoint.hash, "pool": pool.hash, "labeled": labeled_set.hash}
-    step = {"inputs": inputs, "sparsity": float(sparsity), "head": bool(head), "samples": subsample,
-            "seed": seed if subsample is not None else None}
+    checkpoint, pool, model, torch_device = setup.checkpoint, setup.pool, setup.model, setup.device
+    unlabeled, labeled_ids, subsample = setup.unlabeled, setup.labeled_ids, setup.subsample
     cache = paths.embeddings_cache(out)
     with output_lock(out.parent, "fisher", outputs=(out.name, cache.name)):
-        skipped = not force and step_is_current(out, step)
+        skipped = not force and step_is_current(out, setup.step)
         if not skipped:
             model = model.to(torch_device)
             chosen = unlabeled
@@ -324,17 +365,8 @@ def run_fisher(
                 model, lambda positions: pool.inputs([chosen[i] for i in positions]), num_samples=len(chosen),
                 batch_size=batch_size, device=torch_device, progress=progress,
             )
-            stored = {name: value.float() for name, value in fisher.items()}
-            masks = top_k_mask(stored, k, head=head, order=names)
-            tensors = {f"fisher.{name}": stored[name] for name in names}
-            tensors.update({f"mask.{name}": masks[name] for name in names})
-            metadata = {
-                "format": str(FORMAT_VERSION), "kind": MASK_KIND, "fmask_version": _fmask_version(),
-                "sparsity": repr(float(sparsity)), "k": str(k), "head": "true" if head else "false",
-                "samples": str(len(chosen)), "num_parameters": str(num_parameters), "checkpoint": checkpoint.hash,
-                "pool": pool.hash, "labeled": labeled_set.hash, "arch": checkpoint.arch, "embed_dtype": embed_dtype,
-                "parameters": json.dumps(names), STEP_KEY: json.dumps(step),
-            }
+            tensors, metadata = mask_artifact(setup, fisher, sparsity=sparsity, head=head, embed_dtype=embed_dtype,
+                                              samples_used=len(chosen))
             atomic_save_safetensors(out, tensors, metadata)
         mask_file = load_mask(out, checkpoint_hash=checkpoint.hash)
         if embeddings:
@@ -343,8 +375,8 @@ def run_fisher(
                                              force=force)[2]
             skipped = skipped and not computed
     return FisherResult(
-        out=out, skipped=skipped, k=mask_file.k, num_parameters=num_parameters,
+        out=out, skipped=skipped, k=mask_file.k, num_parameters=setup.num_parameters,
         samples=int(mask_file.metadata.get("samples", 0)), head=mask_file.head,
-        head_fills_mask=mask_file.head and head_size >= mask_file.k, embeddings=cache if embeddings else None,
+        head_fills_mask=mask_file.head and setup.head_size >= mask_file.k, embeddings=cache if embeddings else None,
         seconds=time.perf_counter() - started, metadata=mask_file.metadata,
     )

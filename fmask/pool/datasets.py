@@ -7,7 +7,6 @@ rebuilds numpy arrays, and the binary CIFAR, IDX (MNIST) and image-folder format
 from __future__ import annotations
 
 import gzip
-import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from fmask.errors import FmaskError
 from fmask.train.augment import autocast, device_images, resolve_precision
 
 ProgressFn = Callable[[str, int, int], None]  # (task description, done, total)
@@ -102,3 +103,11 @@ def top_scores(ctx: QueryContext, scores: torch.Tensor, batch: int) -> Selection
     # A stable sort on -score keeps ascending-id order among equal scores.
     order = torch.sort(-scores.double(), stable=True).indices[:batch].tolist()
     return Selection(ids=[ctx.unlabeled_ids[i] for i in order], scores=[float(scores[i]) for i in order])
+
+
+def read_option(options: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    """A strategy option of type ``kind`` (None keeps the default); anything else is refused in one line."""
+    value = options.get(name, default)
+    if value is None or isinstance(value, kind) or (kind is float and isinstance(value, int)):
+        return value
+    raise FmaskError(f"option {name!r} must be {kind.__name__}, got {value!r}; fix --{name.replace('_', '-')}")

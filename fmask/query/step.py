@@ -11,18 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from fmask import __version__, distributed
 from fmask.device import resolve_device
 from fmask.errors import FmaskError
 from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_write_json, check_writable, output_lock, read_json, seal_json,
                       sha256_file, step_is_current)
-from fmask.label.labeled import load_labeled
-from fmask.pool.pool import load_pool
 from fmask.query.base import ProgressFn, QueryContext
 from fmask.query.registry import get_strategy
-from fmask.train.checkpoint import load_checkpoint
+from fmask.train.checkpoint import open_round
 
 QUERY = "fmask query"
 
@@ -51,16 +47,9 @@ def run_query(*, ckpt: str | os.PathLike, out: str | os.PathLike, strategy: str,
     chosen = get_strategy(strategy)
     if batch <= 0:
         raise FmaskError(f"--batch {batch} must be positive")
-    checkpoint = load_checkpoint(ckpt)
-    pool_dir = Path(pool_dir) if pool_dir is not None else Path(checkpoint.pool_dir)
-    pool = load_pool(pool_dir)
-    if pool.hash != checkpoint.pool_hash:
-        raise FmaskError(f"checkpoint {ckpt} was trained on another pool (hash {checkpoint.pool_hash[:12]}, "
-                         f"{pool_dir} has {pool.hash[:12]}); pass the --pool it was trained on")
-    labeled_path = Path(labeled) if labeled is not None else Path(checkpoint.labeled_path)
-    labeled_set = load_labeled(labeled_path, pool)
-    labeled_ids = set(labeled_set.ids)
-    candidates = [i for i in pool.ids if i not in labeled_ids]
+    opened = open_round(ckpt, pool_dir=pool_dir, labeled=labeled)
+    checkpoint, pool, pool_dir = opened.checkpoint, opened.pool, opened.pool_dir
+    labeled_path, labeled_set, candidates = opened.labeled_path, opened.labeled_set, opened.unlabeled_ids
     if batch > len(candidates):
         raise FmaskError(f"--batch {batch} is larger than the unlabeled pool ({len(candidates)} samples); lower --batch")
     mask_file, mask_hash = None, None

@@ -19,9 +19,9 @@ import os
 import shutil
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 from fmask import paths
 from fmask.errors import FmaskError
@@ -32,7 +32,7 @@ from fmask.train.checkpoint import load_checkpoint
 from fmask.train.metrics import record_metrics
 from fmask.label.step import run_label
 from fmask.pool.pool import SETTINGS, build_pool
-from fmask.query.registry import get_strategy, list_strategies
+from fmask.query.registry import get_strategy
 from fmask.query.step import run_query
 from fmask.train.trainer import TrainConfig, train
 
@@ -248,6 +248,3 @@ def config_from_options(*, preset: Optional[str], small: bool, config_file: Opti
         return preset_config(preset, small=small, **{**file_values, **flags})
     return ExperimentConfig(**{**file_values, **flags})
 
-
-def strategies_available(names: Sequence[str] | None) -> list[str]:
-    return list(names) if names else list_strategies()

@@ -7,7 +7,7 @@ import hashlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -114,3 +114,35 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 def load_model(path: str | os.PathLike) -> nn.Module:
     """The checkpoint's model in eval mode, on CPU (the notebook entry point)."""
     return load_checkpoint(path).model
+
+
+@dataclass
+class Round:
+    """A checkpoint with the pool and labeled set it belongs to, and the candidates left to label."""
+
+    checkpoint: Checkpoint
+    pool: Any  # fmask.pool.pool.Pool
+    pool_dir: Path
+    labeled_set: Any  # fmask.label.labeled.LabeledSet
+    labeled_path: Path
+    unlabeled_ids: list[int]  # ascending sample ids
+
+
+def open_round(ckpt: str | os.PathLike, *, pool_dir: Optional[str | os.PathLike] = None,
+               labeled: Optional[str | os.PathLike] = None) -> Round:
+    """Load a checkpoint, its pool (refused when its hash differs from the checkpoint's) and a labeled set
+    (default: the one the checkpoint was trained on)."""
+    from fmask.label.labeled import load_labeled
+    from fmask.pool.pool import load_pool
+
+    checkpoint = load_checkpoint(ckpt)
+    pool_dir = Path(pool_dir) if pool_dir is not None else Path(checkpoint.pool_dir)
+    pool = load_pool(pool_dir)
+    if pool.hash != checkpoint.pool_hash:
+        raise FmaskError(f"checkpoint {ckpt} was trained on another pool (hash {checkpoint.pool_hash[:12]}, "
+                         f"{pool_dir} has {pool.hash[:12]}); pass the --pool it was trained on")
+    labeled_path = Path(labeled) if labeled is not None else Path(checkpoint.labeled_path)
+    labeled_set = load_labeled(labeled_path, pool)
+    taken = set(labeled_set.ids)
+    unlabeled = [int(i) for i in pool.ids if i not in taken]
+    return Round(checkpoint, pool, pool_dir, labeled_set, labeled_path, unlabeled)

@@ -17,7 +17,7 @@ import torch
 
 from fmask import distributed
 from fmask.errors import FmaskError
-from fmask.query.base import QueryContext, Selection, Strategy
+from fmask.query.base import QueryContext, Selection, Strategy, read_option
 from fmask.query.fisher_greedy import default_memory_limit, fisher_greedy_detailed, plan_fisher_greedy
 from fmask.query.registry import register_strategy
 
@@ -39,22 +39,15 @@ def bait_embeddings(probs: torch.Tensor, features: torch.Tensor) -> torch.Tensor
     return (coefficients.unsqueeze(3) * features[:, None, None, :]).reshape(n, num_classes, width)
 
 
-def _option(options: dict[str, Any], name: str, kind: type, default: Any) -> Any:
-    value = options.get(name, default)
-    if value is None or isinstance(value, kind) or (kind is float and isinstance(value, int)):
-        return value
-    raise FmaskError(f"option {name!r} must be {kind.__name__}, got {value!r}; fix --{name.replace('_', '-')}")
-
-
 @register_strategy("bait")
 class BaitStrategy(Strategy):
     def select(self, ctx: QueryContext, batch: int) -> Selection:
         options = ctx.options
-        lamb = float(_option(options, "lamb", float, 1.0))
-        dtype = torch.float64 if _option(options, "float64", bool, False) else torch.float32
-        backward_steps = bool(_option(options, "backward_steps", bool, False))
-        chunk_size = _option(options, "chunk_size", int, None)
-        memory_limit = _option(options, "memory_limit", int, None)
+        lamb = float(read_option(options, "lamb", float, 1.0))
+        dtype = torch.float64 if read_option(options, "float64", bool, False) else torch.float32
+        backward_steps = bool(read_option(options, "backward_steps", bool, False))
+        chunk_size = read_option(options, "chunk_size", int, None)
+        memory_limit = read_option(options, "memory_limit", int, None)
 
         candidates, labeled = list(ctx.unlabeled_ids), list(ctx.labeled_ids)
         if distributed.is_distributed():
