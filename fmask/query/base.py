@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -111,3 +111,23 @@ def read_option(options: dict[str, Any], name: str, kind: type, default: Any) ->
     if value is None or isinstance(value, kind) or (kind is float and isinstance(value, int)):
         return value
     raise FmaskError(f"option {name!r} must be {kind.__name__}, got {value!r}; fix --{name.replace('_', '-')}")
+
+
+class GreedyOptions(NamedTuple):
+    """The Fisher-greedy engine's options, as fishermask and bait read them from ``ctx.options``."""
+
+    lamb: float
+    dtype: torch.dtype
+    backward_steps: bool
+    chunk_size: Optional[int]
+    memory_limit: Optional[int]
+
+
+def greedy_options(options: dict[str, Any]) -> GreedyOptions:
+    return GreedyOptions(
+        lamb=float(read_option(options, "lamb", float, 1.0)),
+        dtype=torch.float64 if read_option(options, "float64", bool, False) else torch.float32,
+        backward_steps=bool(read_option(options, "backward_steps", bool, False)),
+        chunk_size=read_option(options, "chunk_size", int, None),
+        memory_limit=read_option(options, "memory_limit", int, None),
+    )

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from fmask import distributed
 from fmask.errors import FmaskError
-from fmask.query.base import QueryContext, Selection, Strategy, read_option
+from fmask.query.base import QueryContext, Selection, Strategy, greedy_options
 from fmask.query.fisher_greedy import fisher_greedy_detailed
 from fmask.query.registry import register_strategy
 
@@ -29,12 +27,7 @@ class FisherMaskStrategy(Strategy):
     def select(self, ctx: QueryContext, batch: int) -> Selection:
         if ctx.mask is None:
             raise FmaskError("the fishermask strategy needs --mask; run `fmask fisher --ckpt CKPT --out MASK` first")
-        options = ctx.options
-        lamb = float(read_option(options, "lamb", float, 1.0))
-        dtype = torch.float64 if read_option(options, "float64", bool, False) else torch.float32
-        backward_steps = bool(read_option(options, "backward_steps", bool, False))
-        chunk_size = read_option(options, "chunk_size", int, None)
-        memory_limit = read_option(options, "memory_limit", int, None)
+        lamb, dtype, backward_steps, chunk_size, memory_limit = greedy_options(ctx.options)
 
         candidates, labeled = list(ctx.unlabeled_ids), list(ctx.labeled_ids)
         if distributed.is_distributed():
