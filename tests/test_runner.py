@@ -52,16 +52,21 @@ def uninterrupted(tmp_path_factory) -> Path:
 def test_sigkill_at_several_points_resumes_to_identical_results(uninterrupted, tmp_path):
     out = tmp_path / "res"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Kill as soon as each of these artifacts appears: points spread over the run, whatever the machine's speed.
+    kill_points = ["seed0/round0.pt", "seed0/random/query0.json", "seed0/margin/round1.pt", "seed1/pool/manifest.json",
+                   "seed1/random/labeled2.json"]
     kills = 0
-    for delay in (2.5, 4.0, 5.5, 7.0):
+    for point in kill_points:
         proc = subprocess.Popen(fmask_cli("run", "--out", out, *RUN_ARGS), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not (out / point).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
-    assert kills >= 2  # the kills did land mid-run
+    assert kills >= 4  # the kills did land mid-run
     finish = subprocess.run(fmask_cli("run", "--out", out, *RUN_ARGS), env=env, capture_output=True, text=True)
     assert finish.returncode == 0, finish.stderr
     assert not list(out.rglob(".*.tmp"))  # no temp file survives
