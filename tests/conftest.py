@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
@@ -27,6 +26,14 @@ def snapshot(directory: Path) -> dict[str, str]:
     """Every file below ``directory`` with its content hash: 'byte-for-byte unchanged' checks."""
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def refused_line(result) -> str:
+    """The one error line of a refused command (exit 2, no traceback)."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.stderr
+    return lines[0]
 
 
 @pytest.fixture(scope="session")

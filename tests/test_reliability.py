@@ -30,7 +30,7 @@ from fmask.plot.plot import read_timings
 from fmask.pool.pool import load_pool
 from fmask.train.checkpoint import load_checkpoint
 from fmask.train.metrics import read_metrics
-from tests.conftest import TINY_COUNTS, invoke, snapshot
+from tests.conftest import TINY_COUNTS, invoke, refused_line, snapshot
 from tests.test_runner import RUN_ARGS, results_of
 
 ZYGOTE = r'''
@@ -408,14 +408,6 @@ def test_single_steps_killed_at_every_rename_and_mid_training_rerun_to_identical
 
 
 # ---- Concurrent writers ---------------------------------------------------------------------------------------
-
-def refused_line(result) -> str:
-    """The one error line of a refused command (exit 2, no traceback)."""
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.stderr
-    return lines[0]
-
 
 def wait_until(condition, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
