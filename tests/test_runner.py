@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fmask.run.experiment import ExperimentConfig, preset_config, run_experiment
+from fmask.run.experiment import preset_config
 from tests.conftest import invoke
 
 RUN_ARGS = ["--dataset", "digits", "--class-counts", "8,8,8,8,8,8,8,8,8,40", "--initial", "10", "--batch", "6",
