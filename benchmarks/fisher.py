@@ -1,8 +1,13 @@
 """Time fmask's exact Fisher diagonal + masked gradient embeddings against a per-(sample, class)
 autograd loop and against the floor of r plain batched backward passes, on the same model and inputs.
 
-    python benchmarks/fisher.py --model cnn --n 200
-    python benchmarks/fisher.py --model resnet18 --n 200 --images ../shared/datasets/cifar10/train
+    python -m benchmarks.fisher --model cnn545k --n 200 --images ../shared/datasets/cifar10/train
+    python -m benchmarks.fisher --model resnet18 --n 200 --images ../shared/datasets/cifar10/train
+
+Models: any of fmask's (cnn, resnet18, torchvision:NAME), or cnn545k: the classic 545,098-parameter
+CIFAR CNN (conv 3→32, pool, conv 32→64, pool, dense 4096→128, head), the "small CNN" of the issue's first
+measurement. All three parts run in one process under the same allocator setting (see
+fmask.cpu_allocator; FMASK_MALLOC_TUNING=0 turns it off for all three).
 
 (a) loop:  for every sample, one forward and r `torch.autograd.grad` calls over all parameters;
            pass 1 accumulates the Fisher diagonal, pass 2 gathers the masked entries (the mask needs
@@ -28,10 +33,35 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
+from fmask.cpu_allocator import tune_cpu_allocator  # noqa: E402
 from fmask.fisher.grads import fisher_diagonal, masked_embeddings  # noqa: E402
 from fmask.fisher.mask import MaskColumns, mask_size, top_k_mask  # noqa: E402
 from fmask.train.models import build_model  # noqa: E402
+
+
+class Cnn545k(nn.Module):
+    """Two 3×3 conv + ReLU + 2×2 max-pool blocks (32, 64 channels), a 4096→128 dense layer, the head."""
+
+    def __init__(self, in_channels: int, num_classes: int, size: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.fc = nn.Linear(64 * (size // 4) ** 2, 128)
+        self.head = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.head(F.relu(self.fc(x.flatten(1))))
+
+
+def make_model(args: argparse.Namespace) -> nn.Module:
+    if args.model == "cnn545k":
+        return Cnn545k(args.channels, args.classes, args.size)
+    return build_model(args.model, in_channels=args.channels, num_classes=args.classes)
 
 
 def load_inputs(args: argparse.Namespace, generator: torch.Generator) -> torch.Tensor:
@@ -106,7 +136,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="cnn", help="cnn | resnet18 | torchvision:NAME")
+    parser.add_argument("--model", default="cnn545k", help="cnn545k | cnn | resnet18 | torchvision:NAME")
     parser.add_argument("--n", type=int, default=200, help="number of samples")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--channels", type=int, default=3)
@@ -132,13 +162,14 @@ def main() -> int:
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    model = build_model(args.model, in_channels=args.channels, num_classes=args.classes).to(device).eval()
+    allocator = "tuned" if device.type == "cpu" and tune_cpu_allocator() else "default"
+    model = make_model(args).to(device).eval()
     x = load_inputs(args, generator).to(device)
     names, params = zip(*model.named_parameters())
     n_params = sum(p.numel() for p in params)
     k = mask_size(args.sparsity, n_params)
     print(f"model {args.model}: {n_params:,} parameters, k={k}; {args.n} inputs {tuple(x.shape[1:])}; "
-          f"{args.classes} classes; device {device}; torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock")
+          f"{args.classes} classes; device {device}; torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, {allocator} malloc")
 
     # Warm-up on a few samples so that lazy initialisation is not timed.
     floor(model, x[:2], args.batch_size)

@@ -10,7 +10,8 @@ from torch import nn
 
 from fmask.errors import FmaskError
 from fmask.fisher import grads
-from fmask.fisher.grads import fallback_parameters, fisher_diagonal, masked_embeddings, softmax_hessian_sqrt
+from fmask.fisher.grads import (fallback_parameters, fisher_diagonal, masked_embeddings, softmax_hessian_factor,
+                                softmax_hessian_sqrt)
 from fmask.fisher.mask import MaskColumns, mask_size, top_k_mask
 from fmask.fisher.profile import mask_profile, plot_mask_profile
 from fmask.fisher.step import stratified_subsample
@@ -108,15 +109,22 @@ def _loop(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], t
 ENGINES = {
     "default": {},
     # Every conv through the grouped weight-gradient kernel, embeddings by gathered pairs, tiny memory chunks.
-    "grouped+pairs": {"GROUPED_MIN_POSITIONS": 1, "MATMUL_PER_GATHER": 1e-9, "SMALL_MAPS_BATCHED": None,
-                      "max_elements": 64},
-    # Every conv through unfold and per-sample matmuls, embeddings by submatrix products, tiny chunks.
+    "grouped+pairs": {"GROUPED_MIN_POSITIONS": 1, "FEW_INPUTS": 0, "MATMUL_PER_GATHER": 1e-9,
+                      "SMALL_MAPS_BATCHED": None, "max_elements": 64},
+    # Every ungrouped conv through the stems' unfold and batched matmuls (grouped ones: grouped kernel); the
+    # unfolded input is kept for the r passes.
+    "stem-unfold": {"GROUPED_MIN_POSITIONS": 1, "FEW_INPUTS": 10**9, "max_elements": 64},
+    # The same, the unfolded input formed anew per chunk and pass.
+    "stem-unfold-unkept": {"GROUPED_MIN_POSITIONS": 1, "FEW_INPUTS": 10**9, "KEEP_UNFOLDED": 0, "max_elements": 64},
+    # Every conv through unfold (formed anew per chunk and pass) and per-sample matmuls, embeddings by submatrix
+    # products, tiny chunks.
     "unfold+submatrix": {"GROUPED_MIN_POSITIONS": 10**9, "MATMUL_PER_GATHER": 1e9, "SMALL_MAPS_BATCHED": False,
-                         "max_elements": 64},
+                         "KEEP_UNFOLDED": 0, "max_elements": 64},
     # Every conv through unfold and batched matmuls (the accelerator path).
     "unfold+batched": {"GROUPED_MIN_POSITIONS": 10**9, "MATMUL_PER_GATHER": 1.0, "SMALL_MAPS_BATCHED": True,
                        "max_elements": 1 << 20},
 }
+CONV_SETTINGS = ("GROUPED_MIN_POSITIONS", "FEW_INPUTS", "KEEP_UNFOLDED", "SMALL_MAPS_BATCHED")
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -124,10 +132,11 @@ ENGINES = {
 @pytest.mark.parametrize("case", ["cnn", "residual", "sequence"])
 def test_fisher_and_embeddings_equal_the_autograd_loop(case, engine, monkeypatch):
     settings = dict(ENGINES[engine])
-    if "GROUPED_MIN_POSITIONS" in settings:
-        monkeypatch.setattr(grads._Conv2dTap, "GROUPED_MIN_POSITIONS", settings.pop("GROUPED_MIN_POSITIONS"))
+    for name in CONV_SETTINGS:
+        if name in settings:
+            monkeypatch.setattr(grads._Conv2dTap, name, settings.pop(name))
+    if "MATMUL_PER_GATHER" in settings:
         monkeypatch.setattr(grads, "_MATMUL_PER_GATHER", settings.pop("MATMUL_PER_GATHER"))
-        monkeypatch.setattr(grads._Conv2dTap, "SMALL_MAPS_BATCHED", settings.pop("SMALL_MAPS_BATCHED"))
     model, x = _case(case)
     reference_fisher, reference_rows = _loop(model, x)
 
@@ -179,6 +188,18 @@ def test_softmax_hessian_sqrt_squares_to_the_softmax_hessian():
     p = torch.softmax(logits, dim=1)
     s = softmax_hessian_sqrt(logits)
     torch.testing.assert_close(s.transpose(1, 2) @ s, torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+
+
+@pytest.mark.parametrize("classes", [1, 2, 7])
+def test_the_fisher_passes_factor_has_one_row_fewer_and_the_same_square(classes):
+    # Includes near-one-hot predictions of either sign pattern, where a naive reflection would divide by ~0.
+    logits = torch.cat([torch.randn(5, classes, dtype=torch.float64),
+                        30 * torch.eye(classes, dtype=torch.float64)[[0, -1]]])
+    p = torch.softmax(logits, dim=1)
+    t = softmax_hessian_factor(logits)
+    assert t.shape == (7, classes - 1, classes)
+    hessian = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    torch.testing.assert_close(t.transpose(1, 2) @ t, hessian, rtol=1e-12, atol=1e-14)
 
 
 def _fisher(values: dict[str, list[float]]) -> dict[str, torch.Tensor]:

@@ -10,11 +10,13 @@ import sys
 import typer
 from typer.core import TyperGroup
 
+from fmask.cpu_allocator import tune_cpu_allocator
 from fmask.errors import FmaskError
 
 
 class FmaskGroup(TyperGroup):
     def invoke(self, ctx):  # type: ignore[override]
+        tune_cpu_allocator()
         try:
             return super().invoke(ctx)
         except FmaskError as exc:
