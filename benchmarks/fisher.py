@@ -5,8 +5,8 @@ autograd loop and against the floor of r plain batched backward passes, on the s
     python -m benchmarks.fisher --model resnet18 --n 200 --images ../shared/datasets/cifar10/train
 
 Models: any of fmask's (cnn, resnet18, torchvision:NAME), or cnn545k: the classic 545,098-parameter
-CIFAR CNN (conv 3→32, pool, conv 32→64, pool, dense 4096→128, head), the "small CNN" of the issue's first
-measurement. All three parts run in one process under the same allocator setting (see
+CIFAR CNN (conv 3→32, pool, conv 32→64, pool, dense 4096→128, head), the small CNN of the Fisher step's
+speed targets. All three parts run in one process under the same allocator setting (see
 fmask.cpu_allocator; FMASK_MALLOC_TUNING=0 turns it off for all three).
 
 (a) loop:  for every sample, one forward and r `torch.autograd.grad` calls over all parameters;

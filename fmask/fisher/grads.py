@@ -3,7 +3,8 @@
 For a sample x with class probabilities p, the softmax Hessian diag(p) - p pᵀ has the square root
 whose columns are s_v = sqrt(p_v)(e_v - p), v = 1..r. The vector-Jacobian product Jᵀ s_v is the
 gradient sqrt(p_v) ∇_θ log p_v(x): row v of the embedding V_x, and the Fisher diagonal is
-F_i = mean_x Σ_v (Jᵀ s_v)_i². Both come from the same r backward passes per batch.
+F_i = mean_x Σ_v (Jᵀ s_v)_i². Both come from r backward passes per batch; the Fisher from r - 1, through a
+factor of the rank-(r - 1) Hessian with one column fewer (softmax_hessian_factor).
 
 How the per-sample, per-class gradients are formed without materializing per-sample Jacobians:
 one forward pass records each supported layer's input and output (forward hooks); then r backward
