@@ -144,7 +144,21 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Te
     from safetensors.torch import save
 
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, canonical_safetensors(data))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted.
+
+    safetensors writes the header from a hash map whose order changes from one process (or call) to the next, so
+    equal tensors and metadata gave different bytes, and a file hash recorded downstream (a query's record of its
+    mask) changed on every rewrite. Only the header is rewritten: data offsets are relative to the data buffer.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces so the data stays 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + data[8 + size :]
 
 
 def _require_file(path: Path, what: str, made_by: str) -> None:

@@ -85,6 +85,8 @@ def test_rerun_skips_and_force_recomputes(run_dir):
     with safe_open(str(cache), framework="pt") as handle:
         assert all(torch.equal(handle.get_tensor(key), value) for key, value in cached.items())
     assert not run_fisher(ckpt=run_dir / "round0.pt", out=out, sparsity=SPARSITY, device="cpu", force=True).skipped
+    # Byte-identical: a query records the mask file's hash, so a forced rewrite must not make it rerun.
+    assert snapshot(run_dir) == before
     changed = run_fisher(ckpt=run_dir / "round0.pt", out=out, sparsity=SPARSITY / 2, device="cpu")
     assert not changed.skipped and changed.k == round(SPARSITY / 2 * changed.num_parameters)
 
