@@ -12,6 +12,7 @@ exactly the single-process order; rank 0 (:func:`is_main`) alone takes locks, wr
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 from datetime import timedelta
 from typing import Any, Callable, Sequence, TypeVar
@@ -87,6 +88,10 @@ def init_from_env(device: str = "auto") -> bool:
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
+        # Free unreachable DistributedDataParallel wrappers while the group still exists: left to the interpreter's
+        # exit, a reducer torn down after the group aborts the process ("terminate called without an active
+        # exception"), turning a finished run into a SIGABRT.
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -27,7 +27,7 @@ from fmask.fisher.mask import MaskColumns
 from fmask.fisher.step import (EMBED_DTYPES, EMBEDDINGS_KIND, FISHER, FisherResult, load_mask, mask_artifact,
                                prepare_fisher, run_fisher, stratified_subsample)
 from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_save_safetensors, check_writable, output_lock,
-                      read_safetensors, sha256_json, step_is_current)
+                      read_safetensors_rows, safetensors_shapes, sha256_json, step_is_current)
 from fmask.query.base import ProgressFn
 
 
@@ -105,12 +105,12 @@ def _cached_embeddings_current(cache: Path, step: dict, dtype: Optional[str], nu
     if not step_is_current(cache, step):
         return False
     try:
-        tensors, metadata = read_safetensors(cache, what="embeddings cache", made_by=FISHER)
-        unlabeled, labeled = tensors["unlabeled"], tensors["labeled"]
+        shapes, metadata = safetensors_shapes(cache, what="embeddings cache", made_by=FISHER)
+        unlabeled, labeled = shapes["unlabeled"], shapes["labeled"]
     except (FmaskError, KeyError):
         return False
-    return ((dtype is None or metadata.get("dtype") == dtype) and unlabeled.shape[0] == num_unlabeled
-            and labeled.shape[0] == num_labeled and unlabeled.shape[2] == k)
+    return ((dtype is None or metadata.get("dtype") == dtype) and len(unlabeled) == len(labeled) == 3
+            and unlabeled[0] == num_unlabeled and labeled[0] == num_labeled and unlabeled[2] == k)
 
 
 def run_fisher_distributed(
@@ -222,8 +222,10 @@ def local_mask_embeddings(mask_file, model: torch.nn.Module, pool, unlabeled: Se
     cache = paths.embeddings_cache(mask_file.path)
     step = {"mask": mask_file.hash, "unlabeled": sha256_json(unlabeled), "labeled": sha256_json(labeled)}
     if _cached_embeddings_current(cache, step, None, len(unlabeled), len(labeled), mask_file.k):
-        tensors, _ = read_safetensors(cache, what="embeddings cache", made_by=FISHER)
-        return tensors["unlabeled"][ustart:ustop].clone(), tensors["labeled"][lstart:lstop].clone()
+        # Only this rank's rows are read: the whole cache is N × classes × k per rank otherwise.
+        mine = read_safetensors_rows(cache, {"unlabeled": (ustart, ustop), "labeled": (lstart, lstop)},
+                                     what="embeddings cache", made_by=FISHER)
+        return mine["unlabeled"], mine["labeled"]
     dtype = mask_file.metadata.get("embed_dtype", "float32")
     columns, num_classes = mask_file.columns, int(pool.num_classes)
     device = torch.device(device) if device is not None else next(model.parameters()).device

@@ -198,6 +198,37 @@ def read_safetensors(path: str | os.PathLike, *, what: str, made_by: str) -> tup
     return tensors, metadata
 
 
+def _open_safetensors(path: Path, what: str, made_by: str):
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    _require_file(path, what, made_by)
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise FmaskError(f"{what} {path} is corrupt or not a safetensors file; rerun `{made_by}`") from exc
+
+
+def safetensors_shapes(path: str | os.PathLike, *, what: str, made_by: str) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """Each tensor's shape and the metadata, from the header alone (no tensor is read)."""
+    path = Path(path)
+    with _open_safetensors(path, what, made_by) as handle:
+        return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}, dict(handle.metadata() or {})
+
+
+def read_safetensors_rows(path: str | os.PathLike, rows: dict[str, tuple[int, int]], *, what: str,
+                          made_by: str) -> dict[str, torch.Tensor]:
+    """Rows start..stop of the named tensors, reading only those rows (a rank's shard of a cache, not all of it)."""
+    from safetensors import SafetensorError
+
+    path = Path(path)
+    with _open_safetensors(path, what, made_by) as handle:
+        try:
+            return {name: handle.get_slice(name)[start:stop].clone() for name, (start, stop) in rows.items()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise FmaskError(f"{what} {path} is corrupt or not a safetensors file; rerun `{made_by}`") from exc
+
+
 def read_torch(path: str | os.PathLike, *, what: str, made_by: str) -> dict:
     """Load a .pt with ``weights_only=True``: never runs code a file carries."""
     import pickle

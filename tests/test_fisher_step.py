@@ -157,3 +157,20 @@ def test_cli_prints_the_profile(run_dir):
     assert result.exit_code == 0, result.output
     assert "conv2" in result.output and "head" in result.output and "100.000%" in result.output
     assert out.exists() and not paths.embeddings_cache(out).exists()
+
+
+def test_a_shard_of_the_embeddings_cache_is_read_without_the_rest(run_dir):
+    from fmask.io import read_safetensors, read_safetensors_rows, safetensors_shapes
+
+    out = run_dir / "fisher0.safetensors"
+    run_fisher(ckpt=run_dir / "round0.pt", out=out, sparsity=SPARSITY, device="cpu")
+    cache = paths.embeddings_cache(out)
+    whole, metadata = read_safetensors(cache, what="embeddings cache", made_by="fmask fisher")
+    shapes, shape_metadata = safetensors_shapes(cache, what="embeddings cache", made_by="fmask fisher")
+    assert shapes == {key: list(value.shape) for key, value in whole.items()} and shape_metadata == metadata
+    rows = read_safetensors_rows(cache, {"unlabeled": (3, 9), "labeled": (0, 2)}, what="embeddings cache",
+                                 made_by="fmask fisher")
+    assert torch.equal(rows["unlabeled"], whole["unlabeled"][3:9]) and torch.equal(rows["labeled"], whole["labeled"][:2])
+    cache.write_bytes(cache.read_bytes()[:-100])  # truncated: refused at open, not read past its end
+    with pytest.raises(FmaskError, match="corrupt"):
+        read_safetensors_rows(cache, {"unlabeled": (0, 1)}, what="embeddings cache", made_by="fmask fisher")
