@@ -184,29 +184,32 @@ def read_json(path: str | os.PathLike, *, what: str, made_by: str) -> dict:
 
 
 def read_safetensors(path: str | os.PathLike, *, what: str, made_by: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
+    from safetensors.torch import load_file
 
     path = Path(path)
-    _require_file(path, what, made_by)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
+    with _open_safetensors(path, what, made_by) as handle:
+        metadata = dict(handle.metadata() or {})
+    with _safetensors_errors(path, what, made_by):
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise FmaskError(f"{what} {path} is corrupt or not a safetensors file; rerun `{made_by}`") from exc
     return tensors, metadata
 
 
-def _open_safetensors(path: Path, what: str, made_by: str):
+@contextmanager
+def _safetensors_errors(path: Path, what: str, made_by: str) -> Iterator[None]:
     from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise FmaskError(f"{what} {path} is corrupt or not a safetensors file; rerun `{made_by}`") from exc
+
+
+def _open_safetensors(path: Path, what: str, made_by: str):
     from safetensors.torch import safe_open
 
     _require_file(path, what, made_by)
-    try:
+    with _safetensors_errors(path, what, made_by):
         return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise FmaskError(f"{what} {path} is corrupt or not a safetensors file; rerun `{made_by}`") from exc
 
 
 def safetensors_shapes(path: str | os.PathLike, *, what: str, made_by: str) -> tuple[dict[str, list[int]], dict[str, str]]:
@@ -219,14 +222,9 @@ def safetensors_shapes(path: str | os.PathLike, *, what: str, made_by: str) -> t
 def read_safetensors_rows(path: str | os.PathLike, rows: dict[str, tuple[int, int]], *, what: str,
                           made_by: str) -> dict[str, torch.Tensor]:
     """Rows start..stop of the named tensors, reading only those rows (a rank's shard of a cache, not all of it)."""
-    from safetensors import SafetensorError
-
     path = Path(path)
-    with _open_safetensors(path, what, made_by) as handle:
-        try:
-            return {name: handle.get_slice(name)[start:stop].clone() for name, (start, stop) in rows.items()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise FmaskError(f"{what} {path} is corrupt or not a safetensors file; rerun `{made_by}`") from exc
+    with _open_safetensors(path, what, made_by) as handle, _safetensors_errors(path, what, made_by):
+        return {name: handle.get_slice(name)[start:stop].clone() for name, (start, stop) in rows.items()}
 
 
 def read_torch(path: str | os.PathLike, *, what: str, made_by: str) -> dict:
