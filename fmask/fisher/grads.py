@@ -286,9 +286,11 @@ class _Conv2dTap(_Tap):
         m = self.module
         return F.unfold(a, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
 
-    def _unfolded_rows(self, a: torch.Tensor, padding: tuple[int, int], start: int, end: int) -> torch.Tensor:
-        """(end-start, G, L, C/G·kh·kw): the unfolded input of samples start..end, one row per output position.
-        When the whole batch's fits in KEEP_UNFOLDED elements it is formed once and reused by all r passes."""
+    def _unfolded_rows(self, a: torch.Tensor, padding: tuple[int, int], start: int, end: int,
+                       positions: int) -> torch.Tensor:
+        """(end-start, G, L, C/G·kh·kw): the unfolded input of samples start..end, one row per output position
+        (L = positions). When the whole batch's fits in KEEP_UNFOLDED elements it is formed once and reused by all
+        r passes."""
         m = self.module
         per_group_in = m.weight[0].numel()
 
@@ -297,7 +299,7 @@ class _Conv2dTap(_Tap):
             cols = cols.reshape(part.shape[0], m.groups, per_group_in, cols.shape[-1])
             return cols.transpose(2, 3).contiguous()
 
-        if a.shape[0] * a[0].numel() * m.kernel_size[0] * m.kernel_size[1] > self.KEEP_UNFOLDED:
+        if a.shape[0] * m.groups * per_group_in * positions > self.KEEP_UNFOLDED:
             return rows_of(a[start:end])
         if "unfolded" not in self.cache:
             self.cache["unfolded"] = rows_of(a)
@@ -323,7 +325,7 @@ class _Conv2dTap(_Tap):
             # class's per-sample gradients are one batched matmul (faster than the grouped kernel there).
             total = None
             for s, e in _sample_chunks(n, max(numel, per_group_in * positions), max_elements):
-                cols = self._unfolded_rows(a, padding, s, e)[:, 0]
+                cols = self._unfolded_rows(a, padding, s, e, positions)[:, 0]
                 part = torch.bmm(g[s:e].reshape(e - s, out_ch, positions), cols).square_().sum(0)
                 total = part if total is None else total.add_(part)
             _accumulate(acc, self.weight_name, total)
@@ -353,7 +355,7 @@ class _Conv2dTap(_Tap):
         per_sample = per_group_in * groups * positions + (numel if batched else 0)
         for s, e in _sample_chunks(n, per_sample, max_elements):
             k = e - s
-            cols = self._unfolded_rows(a, padding, s, e)
+            cols = self._unfolded_rows(a, padding, s, e, positions)
             grads = g[s:e].reshape(k, groups, out_ch // groups, positions)
             if batched:
                 total += torch.matmul(grads, cols).square_().sum(0)
