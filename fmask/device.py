@@ -1,6 +1,8 @@
-"""Device selection."""
+"""Device selection and free memory."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -18,3 +20,20 @@ def resolve_device(name: str = "auto") -> torch.device:
             raise FmaskError("--device cuda was asked for but no CUDA GPU is available; use --device auto or cpu")
         return torch.device(name)
     raise FmaskError(f"unknown device {name!r}; use auto, cpu or cuda")
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory of ``device``: the GPU's free memory, or the host's available RAM for CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown (not Linux, no sysconf): assume it fits, as before this check existed

@@ -24,12 +24,12 @@ exactly); past the tolerance the engine recomputes G, H (or rebuilds A from M) a
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
 
+from fmask.device import free_memory_bytes
 from fmask.errors import FmaskError
 from fmask.query.base import ProgressFn
 
@@ -58,21 +58,7 @@ class FisherGreedyPlan:
 def default_memory_limit(device: torch.device | str) -> int:
     """A sensible share of what the device has free: 80% of free GPU memory, 60% of available RAM on CPU."""
     device = torch.device(device)
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(0.8 * free)
-    return int(0.6 * _available_ram())
-
-
-def _available_ram() -> int:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return int((0.8 if device.type == "cuda" else 0.6) * free_memory_bytes(device))
 
 
 def estimate_memory(

@@ -7,12 +7,12 @@ gives the same batches on every device."""
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import ContextManager, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from fmask.device import free_memory_bytes
 from fmask.errors import FmaskError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -37,23 +37,6 @@ def autocast(precision: str, device: torch.device) -> ContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    """Free memory of ``device``: the GPU's free memory, or the host's available RAM for CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62  # unknown (not Linux, no sysconf): assume it fits, as before this check existed
 
 
 def fits_on_device(nbytes: int, device: torch.device) -> bool:

@@ -21,14 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from fmask import __version__, distributed, paths
-from fmask.device import resolve_device
+from fmask.device import free_memory_bytes, resolve_device
 from fmask.errors import FmaskError
 from fmask.io import check_writable, output_lock, step_is_current
 from fmask.label.labeled import load_labeled
 from fmask.pool.pool import Pool, load_pool
 from fmask.query.base import ProgressFn
 from fmask.train.augment import (RESIDENT_SHARE, Normalizer, TrainBatches, autocast, device_images, draw_crop_flip,
-                                 free_memory_bytes, padded_nbytes, resolve_precision)
+                                 padded_nbytes, resolve_precision)
 from fmask.train.checkpoint import load_checkpoint, save_checkpoint
 from fmask.train.metrics import record_metrics
 from fmask.train.models import build_model
