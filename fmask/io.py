@@ -144,21 +144,25 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Te
     from safetensors.torch import save
 
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
-    atomic_write_bytes(path, canonical_safetensors(data))
+    header, data_start = sorted_safetensors_header(data)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(header)
+        handle.write(memoryview(data)[data_start:])  # no copy of the (possibly GB-sized) tensor data
 
 
-def canonical_safetensors(data: bytes) -> bytes:
-    """The same safetensors file with its JSON header's keys sorted.
+def sorted_safetensors_header(data: bytes) -> tuple[bytes, int]:
+    """The length prefix and JSON header of the safetensors file ``data`` with the header's keys sorted, and where
+    the tensor data starts in ``data``.
 
     safetensors writes the header from a hash map whose order changes from one process (or call) to the next, so
     equal tensors and metadata gave different bytes, and a file hash recorded downstream (a query's record of its
-    mask) changed on every rewrite. Only the header is rewritten: data offsets are relative to the data buffer.
+    mask) changed on every rewrite. Data offsets are relative to the data buffer, so only the header changes.
     """
     size = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + size])
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the format pads the header with spaces so the data stays 8-byte aligned
-    return len(text).to_bytes(8, "little") + text + data[8 + size :]
+    return len(text).to_bytes(8, "little") + text, 8 + size
 
 
 def _require_file(path: Path, what: str, made_by: str) -> None:

@@ -54,7 +54,10 @@ _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 def softmax_hessian_sqrt(logits: torch.Tensor) -> torch.Tensor:
     """(n, r, r): entry [i, v] is sqrt(p_v)(e_v - p) for sample i, so Σ_v s_v s_vᵀ = diag(p) - p pᵀ."""
-    p = torch.softmax(logits, dim=-1)
+    return _hessian_sqrt(torch.softmax(logits, dim=-1))
+
+
+def _hessian_sqrt(p: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
     return p.sqrt().unsqueeze(-1) * (eye - p.unsqueeze(-2))
 
@@ -66,8 +69,8 @@ def softmax_hessian_factor(logits: torch.Tensor) -> torch.Tensor:
     column for an orthogonal Q whose last column is √p. Q is a per-sample Householder reflection; the Fisher
     diagonal, a sum of squares over the columns, then needs r-1 backward passes instead of r.
     """
-    s = softmax_hessian_sqrt(logits)
-    u = torch.softmax(logits, dim=-1).sqrt()
+    p = torch.softmax(logits, dim=-1)
+    s, u = _hessian_sqrt(p), p.sqrt()
     # The reflection taking the unit vector u = √p to -e_r: w = u + e_r, and wᵀw = 2(1 + u_r) ≥ 2 as u_r ≥ 0.
     w = u.clone()
     w[:, -1] += 1
