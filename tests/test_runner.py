@@ -113,3 +113,14 @@ def test_config_file_and_presets(tmp_path):
     config.write_text("speed = 3\n")
     result = invoke("run", "--out", tmp_path / "r", "--config", config)
     assert result.exit_code == 2 and "unknown key 'speed'" in result.stderr
+
+
+def test_run_refuses_a_sparsity_the_head_would_fill_before_training(tmp_path):
+    from tests.conftest import refused_line
+
+    out = tmp_path / "r"
+    line = refused_line(invoke("run", "--out", out, "--dataset", "digits", "--class-counts", "8,8,8,8,8,8,8,8,8,40",
+                               "--initial", "20", "--batch", "5", "--rounds", "1", "--strategies", "fishermask",
+                               "--sparsity", "0.002", "--model", "cnn", "--device", "cpu"))
+    assert "--sparsity 0.049 or more" in line and "--no-head" in line
+    assert not (out / "seed0" / "round0.pt").exists()

@@ -44,8 +44,8 @@ def fisher_command(
     if not distributed.is_main():
         return
     if result.head_fills_mask:
-        typer.echo(f"note: k={result.k} is no more than the classifier layer's size, so the mask holds only head "
-                   f"entries (its top {result.k}); raise --sparsity or use --no-head", err=True)
+        typer.echo(f"note: the backbone is frozen and k={result.k} is no more than the classifier layer's size, so "
+                   f"the mask is the head's top {result.k} entries", err=True)
     if profile:
         table = Table(title=f"Masked parameters per layer ({result.out.name})")
         for column in ("layer", "parameters", "masked", "share"):

@@ -25,7 +25,7 @@ from fmask import paths
 from fmask.device import resolve_device
 from fmask.errors import FmaskError
 from fmask.fisher.grads import DEFAULT_BATCH_SIZE, ProgressFn, fisher_diagonal, masked_embeddings
-from fmask.fisher.mask import MaskColumns, is_head_parameter, mask_size, top_k_mask
+from fmask.fisher.mask import MaskColumns, check_sparsity_works, is_head_parameter, mask_size, top_k_mask
 from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_save_safetensors, check_writable, output_lock,
                       read_safetensors, sha256_file, sha256_json, step_is_current)
 
@@ -33,6 +33,11 @@ FISHER = "fmask fisher"
 MASK_KIND = "fisher-mask"
 EMBEDDINGS_KIND = "fisher-embeddings"
 EMBED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def head_only_trainable(model: torch.nn.Module) -> bool:
+    """True for a frozen backbone: every parameter outside the classifier layer has requires_grad off."""
+    return all(not p.requires_grad for name, p in model.named_parameters() if not is_head_parameter(name))
 
 
 def _fmask_version() -> str:
@@ -47,7 +52,7 @@ class FisherResult:
     num_parameters: int
     samples: int  # unlabeled samples the Fisher diagonal averages over
     head: bool
-    head_fills_mask: bool  # --head and the classifier layer alone holds k or more entries
+    head_fills_mask: bool  # --head and the classifier layer alone holds k or more entries (frozen backbone only)
     embeddings: Optional[Path]  # the embeddings cache, or None when not asked for
     seconds: float
     metadata: dict = field(repr=False)
@@ -294,6 +299,9 @@ def prepare_fisher(*, ckpt: str | os.PathLike, pool_dir: Optional[str | os.PathL
     head_size = sum(p.numel() for name, p in model.named_parameters() if is_head_parameter(name))
     if head and head_size == 0:
         raise FmaskError("--head needs parameters named 'head.*' and the model has none; use --no-head")
+    if head:
+        check_sparsity_works(sparsity=sparsity, k=k, head_size=head_size, num_parameters=num_parameters,
+                             head_only_trainable=head_only_trainable(model))
     if embeddings:
         check_embedding_memory(len(unlabeled) + len(labeled_ids), pool.num_classes, k, embed_dtype)
     torch_device = resolve_device(device)
