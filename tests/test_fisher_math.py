@@ -272,3 +272,28 @@ def test_stratified_subsample_keeps_class_proportions_and_is_seeded():
     assert stratified_subsample(ids, predicted, 10, seed=3) == chosen
     assert stratified_subsample(ids, predicted, 10, seed=4) != chosen
     assert stratified_subsample(ids, predicted, 500, seed=3) == ids
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("case", ["cnn", "residual", "sequence"])
+def test_unscaled_embedding_rows_equal_the_plain_log_likelihood_gradients(case):
+    """The authors' code's rows, ∇θ log p_y(x) with no √p_y, against one autograd.grad per (sample, class)."""
+    model, x = _case(case)
+    names, params = zip(*model.named_parameters())
+    expected = []
+    for i in range(x.shape[0]):
+        log_p = torch.log_softmax(model(x[i : i + 1]), dim=-1)[0]
+        rows = []
+        for y in range(log_p.shape[0]):
+            g = torch.autograd.grad(log_p[y], params, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1) for gi, p in zip(g, params)]))
+        expected.append(torch.stack(rows))
+    expected = torch.stack(expected)
+    generator = torch.Generator().manual_seed(3)
+    masks = {name: torch.rand(p.shape, generator=generator) < 0.4 for name, p in model.named_parameters()}
+    columns = MaskColumns.from_masks(masks, list(names))
+    flat_mask = torch.cat([masks[name].reshape(-1) for name in names])
+    unscaled = masked_embeddings(model, x, columns, batch_size=2, dtype=torch.float64, rows="unscaled")
+    torch.testing.assert_close(unscaled, expected[:, :, flat_mask], rtol=1e-6, atol=1e-12)
+    with pytest.raises(FmaskError, match="--embedding-rows"):
+        masked_embeddings(model, x, columns, rows="sqrt")

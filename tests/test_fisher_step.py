@@ -263,3 +263,41 @@ def test_every_small_preset_sparsity_works_on_its_model(preset):
     num_parameters = sum(p.numel() for p in model.parameters())
     head_size = sum(p.numel() for n, p in model.named_parameters() if n.startswith("head."))
     assert mask_size(config.sparsity, num_parameters) >= 2 * head_size
+
+
+def test_variants_are_recorded_in_the_mask_the_cache_and_the_query(run_dir):
+    from fmask.query.step import run_query
+
+    ckpt, out = run_dir / "round0.pt", run_dir / "fisher0.safetensors"
+    result = invoke("fisher", "--ckpt", ckpt, "--out", out, "--sparsity", str(SPARSITY), "--embedding-rows",
+                    "unscaled", "--m0", "fisher", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    mask = load_mask(out, checkpoint_hash=None)
+    assert (mask.embedding_rows, mask.m0) == ("unscaled", "fisher")
+    assert json.loads(mask.metadata["step"])["embedding_rows"] == "unscaled"
+    with safe_open(paths.embeddings_cache(out), "pt") as cache:
+        assert cache.metadata()["rows"] == "unscaled"
+        cached = cache.get_tensor("unlabeled")
+    pool, unlabeled, _ = _unlabeled_and_labeled(run_dir)
+    model = load_checkpoint(ckpt).model
+    direct = masked_embeddings(model, pool.inputs(unlabeled), mask.columns, rows="unscaled")
+    torch.testing.assert_close(cached, direct)
+    scaled = masked_embeddings(model, pool.inputs(unlabeled), mask.columns, rows="scaled")
+    probs = torch.softmax(model.eval()(pool.inputs(unlabeled)), dim=1).detach()
+    torch.testing.assert_close(scaled, direct * probs.sqrt().unsqueeze(2), rtol=1e-4, atol=1e-6)
+
+    # fmask query follows the mask's record unless told otherwise, and writes down what it used.
+    query = run_query(ckpt=ckpt, out=run_dir / "q.json", strategy="fishermask", batch=4, mask=out, device="cpu")
+    assert query.data["details"] == {"embedding_rows": "unscaled", "m0": "fisher"}
+    other = run_query(ckpt=ckpt, out=run_dir / "q2.json", strategy="fishermask", batch=4, mask=out, device="cpu",
+                      options={"embedding_rows": "scaled", "m0": "identity"})
+    assert other.data["details"] == {"embedding_rows": "scaled", "m0": "identity"}
+    pinned = run_query(ckpt=ckpt, out=run_dir / "q3.json", strategy="fishermask-m0fisher", batch=4, mask=out,
+                       device="cpu", options={"embedding_rows": "scaled"})
+    assert pinned.data["details"] == {"embedding_rows": "scaled", "m0": "fisher"}
+    with pytest.raises(FmaskError, match="fishermask-unscaled"):
+        run_query(ckpt=ckpt, out=run_dir / "q4.json", strategy="fishermask-unscaled", batch=4, mask=out,
+                  device="cpu", options={"embedding_rows": "scaled"})
+    bad = invoke("fisher", "--ckpt", ckpt, "--out", run_dir / "bad.safetensors", "--sparsity", str(SPARSITY),
+                 "--m0", "eye", "--device", "cpu")
+    assert bad.exit_code == 2 and "--m0" in bad.stderr and not (run_dir / "bad.safetensors").exists()

@@ -26,6 +26,10 @@ def query_command(
     float64: bool = typer.Option(False, help="Run the Fisher-greedy engine in float64."),
     chunk_size: Optional[int] = typer.Option(None, help="Candidates per chunk in the selection engines (memory bound)."),
     precision: str = typer.Option("fp32", help="Forward-pass precision: fp32 | auto | bf16 | fp16."),
+    embedding_rows: Optional[str] = typer.Option(None, help="fishermask: scaled | unscaled embedding rows "
+                                                            "(default: what the mask records)."),
+    m0: Optional[str] = typer.Option(None, help="fishermask: identity | fisher start of the greedy (lamb I or lamb F; "
+                                                "default: what the mask records)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     force: bool = typer.Option(False, help="Rerun even if the output exists with the same inputs."),
 ) -> None:
@@ -34,7 +38,7 @@ def query_command(
     Under `torchrun --nproc-per-node K -m fmask query ...` fishermask and bait shard the pool over the processes."""
     distributed.init_from_env(device)
     options = {"lamb": lamb, "backward_steps": backward_steps, "float64": float64, "chunk_size": chunk_size,
-               "precision": precision}
+               "precision": precision, "embedding_rows": embedding_rows, "m0": m0}
     with progress_callback() if distributed.is_main() else nullcontext(None) as progress:
         result = run_query(ckpt=ckpt, out=out, strategy=strategy, batch=batch, pool_dir=pool, labeled=labeled,
                            mask=mask, seed=seed, device=device, options=options, force=force, progress=progress)

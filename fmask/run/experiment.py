@@ -55,6 +55,8 @@ class ExperimentConfig:
     train_batch_size: int = 64
     target_train_accuracy: float = 0.99
     sparsity: float = 0.002
+    embedding_rows: str = "scaled"  # fishermask: scaled (paper's text) | unscaled (authors' code)
+    m0: str = "identity"  # fishermask: identity (lamb I, authors' code) | fisher (lamb F, paper's eq. 2)
     test_per_class: Optional[int] = None
     device: str = "auto"
     query_options: dict[str, Any] = field(default_factory=dict)
@@ -111,6 +113,11 @@ def validate(config: ExperimentConfig) -> None:
         raise FmaskError("give at least one strategy and one seed")
     if config.rounds < 0 or config.batch <= 0 or config.initial <= 0:
         raise FmaskError("--rounds must be >= 0, --batch and --initial positive")
+    from fmask.fisher.grads import check_embedding_rows
+    from fmask.fisher.step import check_m0
+
+    check_embedding_rows(config.embedding_rows)
+    check_m0(config.m0)
     if config.class_counts is None and config.setting not in SETTINGS:
         raise FmaskError(f"unknown setting {config.setting!r}; choose one of: {', '.join(SETTINGS)}")
 
@@ -226,7 +233,10 @@ def _run_locked(out: Path, config: ExperimentConfig, progress: Optional[Progress
             chain = seed_dir / strategy
             chain.mkdir(parents=True, exist_ok=True)
             adopt_checkpoint(round0, chain / "round0.pt")
-            needs_mask = get_strategy(strategy).needs_mask
+            chosen = get_strategy(strategy)
+            needs_mask = chosen.needs_mask
+            # The variant the mask records (fmask query follows it); named variants pin theirs.
+            variant = {"embedding_rows": config.embedding_rows, "m0": config.m0, **getattr(chosen, "pinned", {})}
             for round_ in range(config.rounds):
                 if on_step:
                     on_step(f"seed {seed} · {strategy} · round {round_ + 1}/{config.rounds}", done, total)
@@ -237,7 +247,8 @@ def _run_locked(out: Path, config: ExperimentConfig, progress: Optional[Progress
 
                     mask = chain / f"fisher{round_}.safetensors"
                     timed("fisher", strategy, seed, round_ + 1, lambda: run_fisher(
-                        ckpt=checkpoint, out=mask, sparsity=config.sparsity, device=config.device, progress=progress))
+                        ckpt=checkpoint, out=mask, sparsity=config.sparsity, device=config.device, progress=progress,
+                        **variant))
                 query = chain / f"query{round_}.json"
                 timed("query", strategy, seed, round_ + 1, lambda: run_query(
                     ckpt=checkpoint, out=query, strategy=strategy, batch=config.batch, mask=mask, seed=seed,
