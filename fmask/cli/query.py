@@ -13,12 +13,14 @@ from fmask.query.step import run_query
 
 @app.command("query")
 def query_command(
-    ckpt: Path = typer.Option(..., help="Checkpoint from `fmask train`."),
-    out: Path = typer.Option(..., help="Selected-index JSON to write."),
+    ckpt: Optional[Path] = typer.Option(None, help="Checkpoint from `fmask train` (not needed by random: then give "
+                                        "--pool)."),
+    out: Path = typer.Option(..., help="Selected-index JSON to write (the same list as CSV goes beside it)."),
     strategy: str = typer.Option("random", help=f"One of: {', '.join(list_strategies())}."),
     batch: int = typer.Option(..., help="How many samples to select."),
     pool: Optional[Path] = typer.Option(None, help="Pool directory (default: the one the checkpoint records)."),
-    labeled: Optional[Path] = typer.Option(None, help="Labeled set (default: the one the checkpoint was trained on)."),
+    labeled: Optional[Path] = typer.Option(None, help="Labeled set (default: the one the checkpoint was trained on, "
+                                           "or the pool's labeled.json without --ckpt)."),
     mask: Optional[Path] = typer.Option(None, help="Fisher mask from `fmask fisher` (fishermask)."),
     seed: int = typer.Option(0, help="Seed for randomised strategies."),
     lamb: float = typer.Option(1.0, help="Fisher-greedy prior strength λ (fishermask, bait)."),

@@ -30,16 +30,18 @@ def train_command(
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model for the training steps."),
     stream: bool = typer.Option(False, "--stream", help="Stream batches from host memory instead of keeping the "
                                                         "images on the device (automatic when they do not fit)."),
+    val_fraction: float = typer.Option(0.0, help="Hold out this stratified share of the labeled set and measure "
+                                       "accuracy on it (pools without a test set)."),
     force: bool = typer.Option(False, help="Retrain even if the checkpoint exists with the same inputs."),
 ) -> None:
-    """Train from scratch on the labeled set, evaluate on the test split, write a checkpoint.
+    """Train from scratch on the labeled set, evaluate on the test split (or a held-out part), write a checkpoint.
 
     Under `torchrun --nproc-per-node K -m fmask train ...` it trains with DistributedDataParallel."""
     distributed.init_from_env(device)
     config = TrainConfig(model=model, lr=lr, batch_size=batch_size, max_epochs=epochs,
                          target_train_accuracy=target_accuracy, grad_clamp=grad_clamp or None, augment=augment,
                          seed=seed, precision=precision, channels_last=channels_last, compile=compile_model,
-                         stream=stream)
+                         stream=stream, val_fraction=val_fraction)
     with progress_callback() if distributed.is_main() else nullcontext(None) as progress:
         result = train(pool_dir=pool, labeled=labeled, out=out, config=config, device=device, force=force,
                        progress=progress)
@@ -49,5 +51,11 @@ def train_command(
         typer.echo(f"note: {note}", err=True)
     m = result.metrics
     verb = "unchanged, skipped" if result.skipped else "written"
-    done(f"checkpoint {result.checkpoint} {verb}: {m['labeled']} labeled, test accuracy {m['accuracy']:.4f}, "
-         f"balanced {m['balanced_accuracy']:.4f} ({m['epochs']} epochs, train acc {m['train_accuracy']:.3f})")
+    measured = m.get("evaluated_on", "test")
+    if m["accuracy"] is None:
+        quality = "no test set, accuracy not measured (build the pool with --test, or train with --val-fraction)"
+    else:
+        where = f"validation ({m.get('validation_samples')} held out)" if measured == "validation" else "test"
+        quality = f"{where} accuracy {m['accuracy']:.4f}, balanced {m['balanced_accuracy']:.4f}"
+    done(f"checkpoint {result.checkpoint} {verb}: {m['labeled']} labeled, {quality} ({m['epochs']} epochs, "
+         f"train acc {m['train_accuracy']:.3f})")

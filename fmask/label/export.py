@@ -1,8 +1,10 @@
 """``fmask export``: a query's batch as files a person can label.
 
-The export directory holds ``images/<sample id>.png`` (the pool's pixels, unnormalised), ``manifest.csv`` (one
-row per image in selection order: file, the query checkpoint's top-3 guesses with probabilities, and a blank
-``label`` column an annotator can fill in and hand straight to ``fmask label --answers``), ``contact_sheet.png``
+The export directory holds ``images/<sample id>_<original stem>.png`` (the pool's pixels, unnormalised; pools
+without source files: ``<sample id>.png``), ``manifest.csv`` (one row per image in selection order: sample id, the
+original path, file, the query checkpoint's top-3 guesses with probabilities (blank for a query made without a
+model), and a blank ``label`` column an annotator can fill in and hand straight to ``fmask label --answers``),
+``contact_sheet.png``
 (the batch in selection order, small images upscaled by nearest neighbour, sample id under each tile), a Label
 Studio import file (tasks with the model's top guess as a prediction) with its labeling config, and
 ``export.json`` (provenance). It is built in a fresh temporary directory beside ``--out`` and renamed into place.
@@ -15,10 +17,11 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Optional, Sequence
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
@@ -138,31 +141,56 @@ def label_studio_config(classes: Sequence[str]) -> str:
             f"required=\"true\">\n{choices}\n  </Choices>\n</View>\n")
 
 
-def label_studio_tasks(ids: Sequence[int], urls: Sequence[str], classes: Sequence[str], top_probs: torch.Tensor,
-                       top_classes: torch.Tensor, model_version: str) -> list[dict]:
-    """One Label Studio task per image; the model's top guess rides along as a prediction (pre-annotation)."""
+def label_studio_tasks(ids: Sequence[int], urls: Sequence[str], classes: Sequence[str],
+                       top_probs: Optional[torch.Tensor], top_classes: Optional[torch.Tensor],
+                       model_version: Optional[str], sample_paths: Optional[Sequence[Optional[str]]] = None
+                       ) -> list[dict]:
+    """One Label Studio task per image (with the sample's ``path`` where known); the model's top guess rides along
+    as a prediction (pre-annotation) when there is a model."""
     tasks = []
-    for sample_id, url, probs, guesses in zip(ids, urls, top_probs.tolist(), top_classes.tolist()):
-        prediction = {"model_version": model_version, "score": round(probs[0], 6),
-                      "result": [{"from_name": LS_CONTROL, "to_name": LS_OBJECT, "type": "choices",
-                                  "value": {"choices": [classes[guesses[0]]]}}]}
-        tasks.append({"data": {"image": url, "sample_id": int(sample_id), "caption": f"sample {sample_id}"},
-                      "predictions": [prediction]})
+    sample_paths = sample_paths or [None] * len(ids)
+    for position, (sample_id, url, path) in enumerate(zip(ids, urls, sample_paths)):
+        data = {"image": url, "sample_id": int(sample_id), "caption": f"sample {sample_id}" + (f": {path}" if path
+                                                                                              else "")}
+        if path is not None:
+            data["path"] = path
+        task: dict = {"data": data, "predictions": []}
+        if top_probs is not None and top_classes is not None:
+            task["predictions"].append({
+                "model_version": model_version, "score": round(float(top_probs[position, 0]), 6),
+                "result": [{"from_name": LS_CONTROL, "to_name": LS_OBJECT, "type": "choices",
+                            "value": {"choices": [classes[int(top_classes[position, 0])]]}}]})
+        tasks.append(task)
     return tasks
 
 
-def manifest_csv(ids: Sequence[int], files: Sequence[str], classes: Sequence[str], top_probs: torch.Tensor,
-                 top_classes: torch.Tensor) -> str:
-    """``sample_id,file,guess_1,prob_1,...,label`` in selection order; ``label`` is left for the annotator."""
-    k = top_probs.shape[1]
+def manifest_csv(ids: Sequence[int], files: Sequence[str], classes: Sequence[str], top_probs: Optional[torch.Tensor],
+                 top_classes: Optional[torch.Tensor], sample_paths: Optional[Sequence[Optional[str]]] = None) -> str:
+    """``sample_id,path,file,guess_1,prob_1,...,label`` in selection order; ``path`` is the original file (blank for
+    pools without source files), the guesses are blank without a model, ``label`` is left for the annotator."""
+    k = top_probs.shape[1] if top_probs is not None else min(TOP_K, len(classes))
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["sample_id", "file"] + [f"{kind}_{rank}" for rank in range(1, k + 1) for kind in ("guess", "prob")]
-                    + ["label"])
-    for sample_id, file, probs, guesses in zip(ids, files, top_probs.tolist(), top_classes.tolist()):
-        pairs = [cell for guess, prob in zip(guesses, probs) for cell in (classes[guess], f"{prob:.4f}")]
-        writer.writerow([sample_id, file] + pairs + [""])
+    writer.writerow(["sample_id", "path", "file"] + [f"{kind}_{rank}" for rank in range(1, k + 1)
+                                                     for kind in ("guess", "prob")] + ["label"])
+    sample_paths = sample_paths or [None] * len(ids)
+    for position, (sample_id, path, file) in enumerate(zip(ids, sample_paths, files)):
+        if top_probs is not None and top_classes is not None:
+            pairs = [cell for guess, prob in zip(top_classes[position].tolist(), top_probs[position].tolist())
+                     for cell in (classes[guess], f"{prob:.4f}")]
+        else:
+            pairs = [""] * (2 * k)
+        writer.writerow([sample_id, path or "", file] + pairs + [""])
     return buffer.getvalue()
+
+
+def export_file_name(sample_id: int, path: Optional[str]) -> str:
+    """``images/<sample id>_<original stem>.png`` (the stem cut to 80 characters, characters that are awkward in
+    file names and URLs replaced by _), or ``images/<sample id>.png`` without a source file."""
+    if not path:
+        return f"{paths.EXPORT_IMAGES_DIR}/{sample_id}.png"
+    stem = re.sub(r"[^\w.-]+", "_", PurePosixPath(path).stem).strip("._")[:80]
+    return f"{paths.EXPORT_IMAGES_DIR}/{sample_id}_{stem}.png" if stem else f"{paths.EXPORT_IMAGES_DIR}/{sample_id}.png"
 
 
 @dataclass
@@ -224,13 +252,20 @@ def run_export(*, query: str | os.PathLike, out: str | os.PathLike, ckpt: Option
     pool = load_pool(pool_dir if pool_dir is not None else query_data["pool_dir"])
     if query_data["inputs"].get("pool") != pool.hash:
         raise FmaskError(f"query {query} was made on another pool; pass the --pool it was made on")
+    made_with_model = query_data["inputs"].get("checkpoint") is not None
+    if ckpt is not None and not made_with_model:
+        raise FmaskError(f"query {query} was made without a model (--strategy random and no --ckpt), so it has no "
+                         "model guesses to attach; drop --ckpt")
     ckpt = ckpt if ckpt is not None else query_data.get("checkpoint_path")
-    if ckpt is None:
-        raise FmaskError(f"query {query} records no checkpoint_path; pass --ckpt with the checkpoint it was made with")
-    checkpoint = load_checkpoint(ckpt)
-    if checkpoint.hash != query_data["inputs"].get("checkpoint"):
-        raise FmaskError(f"checkpoint {ckpt} is not the one query {query} was made with (its hash differs); pass "
-                         "--ckpt with that checkpoint, or rerun the query")
+    checkpoint = None
+    if made_with_model:
+        if ckpt is None:
+            raise FmaskError(f"query {query} records no checkpoint_path; pass --ckpt with the checkpoint it was made "
+                             "with")
+        checkpoint = load_checkpoint(ckpt)
+        if checkpoint.hash != query_data["inputs"].get("checkpoint"):
+            raise FmaskError(f"checkpoint {ckpt} is not the one query {query} was made with (its hash differs); pass "
+                             "--ckpt with that checkpoint, or rerun the query")
     ids = [int(i) for i in query_data["selected"]]
     if not ids:
         raise FmaskError(f"query {query} selects no samples; rerun `fmask query` with --batch of at least 1")
@@ -250,13 +285,16 @@ def _export_locked(*, query, out: Path, target: Path, query_data: dict, pool: Po
     _check_out(out, force)
     torch_device = resolve_device(device)
 
-    probs = predict_probabilities(checkpoint.model, pool, ids, device=torch_device, batch_size=batch_size,
-                                  progress=progress)
-    top_probs, top_classes = torch.topk(probs, k=min(TOP_K, probs.shape[1]), dim=1)
-    files = [f"{paths.EXPORT_IMAGES_DIR}/{sample_id}.png" for sample_id in ids]
+    top_probs = top_classes = model_version = None
+    if checkpoint is not None:
+        probs = predict_probabilities(checkpoint.model, pool, ids, device=torch_device, batch_size=batch_size,
+                                      progress=progress)
+        top_probs, top_classes = torch.topk(probs, k=min(TOP_K, probs.shape[1]), dim=1)
+        model_version = f"{Path(ckpt).name}:{checkpoint.hash[:12]}"
+    sample_paths = pool.paths(ids)
+    files = [export_file_name(sample_id, path) for sample_id, path in zip(ids, sample_paths)]
     root = target.name if image_root is None else image_root
     urls = [image_url(file, image_root=root, url_prefix=url_prefix) for file in files]
-    model_version = f"{Path(ckpt).name}:{checkpoint.hash[:12]}"
 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -272,14 +310,15 @@ def _export_locked(*, query, out: Path, target: Path, query_data: dict, pool: Po
                 progress("writing images", done, len(ids))
         sheet = contact_sheet(images, ids, columns)
         sheet.save(built / paths.CONTACT_SHEET_PNG, format="PNG")
-        (built / paths.EXPORT_MANIFEST_CSV).write_text(manifest_csv(ids, files, pool.classes, top_probs, top_classes),
-                                                       encoding="utf-8")
-        tasks = label_studio_tasks(ids, urls, pool.classes, top_probs, top_classes, model_version)
+        (built / paths.EXPORT_MANIFEST_CSV).write_text(
+            manifest_csv(ids, files, pool.classes, top_probs, top_classes, sample_paths), encoding="utf-8")
+        tasks = label_studio_tasks(ids, urls, pool.classes, top_probs, top_classes, model_version, sample_paths)
         (built / paths.LABEL_STUDIO_TASKS).write_text(json.dumps(tasks, indent=1) + "\n", encoding="utf-8")
         (built / paths.LABEL_STUDIO_CONFIG).write_text(label_studio_config(pool.classes), encoding="utf-8")
         info = {"format": FORMAT_VERSION, "kind": "export", "fmask_version": __version__,
                 "query": str(Path(query).resolve()), "query_sha256": sha256_file(query),
-                "checkpoint": str(Path(ckpt).resolve()), "checkpoint_sha256": checkpoint.hash, "pool": pool.hash,
+                "checkpoint": str(Path(ckpt).resolve()) if checkpoint else None,
+                "checkpoint_sha256": checkpoint.hash if checkpoint else None, "pool": pool.hash,
                 "round": query_data["round"], "strategy": query_data["strategy"], "selected": ids,
                 "url_prefix": url_prefix, "image_root": None if url_prefix else root,
                 "contact_sheet_size": list(sheet.size)}

@@ -1,6 +1,7 @@
-"""``fmask label``: turn a query's selection into the next labeled set, with labels from the pool's ground truth
-(the simulated oracle) or from human answers (a ``sample_id,label`` CSV or a Label Studio JSON export, read by
-:mod:`fmask.label.answers`). A run keeps to one label source unless mixing is asked for explicitly."""
+"""``fmask label``: turn a query's selection into the next labeled set (a JSON and a CSV beside it), with labels
+from the pool's ground truth (the simulated oracle; pools from your own images have none) or from human answers (a
+CSV keyed by ``sample_id`` or ``path``, or a Label Studio JSON export, read by :mod:`fmask.label.answers`). A run
+keeps to one label source unless mixing is asked for explicitly."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pathlib import Path
 from typing import Optional
 
 from fmask.errors import FmaskError
-from fmask.io import STEP_KEY, atomic_write_json, check_writable, output_lock, seal_json, sha256_file, step_is_current
+from fmask import paths
+from fmask.io import STEP_KEY, check_writable, output_lock, seal_json, sha256_file, step_is_current
 from fmask.label.answers import read_answers  # noqa: F401  (re-exported: its historical home)
-from fmask.label.labeled import LabeledSet, extend_labeled, load_labeled
+from fmask.label.labeled import LabeledSet, extend_labeled, load_labeled, write_labeled
 from fmask.pool.pool import load_pool
 from fmask.query.step import load_query
 
@@ -60,26 +62,38 @@ def run_label(*, query: str | os.PathLike, out: str | os.PathLike, labeled: Opti
         raise FmaskError(f"sample id {min(overlap)} of the query is already labeled in {labeled_path}; "
                          "pass the labeled set the query used")
     pool.rows(selected)  # refuses ids outside the pool
+    if answers is None and not pool.ground_truth:
+        raise FmaskError(f"pool {pool.dir} has no ground truth (it was built from your own images), so nothing can "
+                         "label the query by itself; export it (`fmask export`), label it, and pass the answers with "
+                         "--answers FILE")
+    if paths.labeled_csv(out) == out:
+        raise FmaskError(f"--out {out} must not end in .csv: the CSV is written beside the labeled-set JSON; give a "
+                         ".json path")
     source = "human" if answers is not None else "oracle"
     check_one_source(previous, source, allow_mixed_sources)
     step = {"query": sha256_file(query), "labeled": previous.hash,
             "answers": sha256_file(answers) if answers is not None and Path(answers).is_file() else None}
-    with output_lock(out.parent, "label", outputs=(out.name,)):
+    with output_lock(out.parent, "label", outputs=(out.name, paths.labeled_csv(out).name)):
         if not force and step_is_current(out, step):
             from fmask.io import read_json
 
-            return LabelResult(out, True, 0, [], read_json(out, what="labeled set", made_by="fmask label"), source)
+            current = read_json(out, what="labeled set", made_by="fmask label")
+            if not paths.labeled_csv(out).is_file():  # a run killed between the two files gets its CSV now
+                write_labeled(out, current, pool)
+            return LabelResult(out, True, 0, [], current, source)
         if answers is not None:
-            given = read_answers(Path(answers), pool.classes, set(selected))
+            sample_paths = dict(zip(pool.ids, pool.paths(pool.ids))) if pool.has_paths else None
+            given = read_answers(Path(answers), pool.classes, set(selected), sample_paths)
             ids = [i for i in selected if i in given]
             labels = [given[i] for i in ids]
             unanswered = [i for i in selected if i not in given]
         else:
             ids, labels, unanswered = list(selected), pool.labels(selected).tolist(), []
         check_writable(out)
+        check_writable(paths.labeled_csv(out))
         data = extend_labeled(previous, ids, labels, round_=int(query_data["round"]), source=source,
                               strategy=query_data["strategy"], query_hash=step["query"])
         data[STEP_KEY] = step
         data = seal_json(data)
-        atomic_write_json(out, data)
+        write_labeled(out, data, pool)
     return LabelResult(out, False, len(ids), unanswered, data, source)

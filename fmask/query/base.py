@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fmask.errors import FmaskError
-from fmask.train.augment import autocast, device_images, resolve_precision
+from fmask.train.augment import autocast, resolve_precision
 
 ProgressFn = Callable[[str, int, int], None]  # (task description, done, total)
 
@@ -28,7 +28,8 @@ class Selection:
 
 @dataclass
 class QueryContext:
-    model: nn.Module  # eval mode, on ``device``; has forward_features(x) and head (nn.Linear)
+    model: Optional[nn.Module]  # eval mode, on ``device``; has forward_features(x) and head (nn.Linear); None for
+    # strategies that use no model (``needs_model = False``)
     pool: Any  # fmask.pool.Pool: pool.inputs(ids) -> normalized float tensor (n, C, H, W)
     labeled_ids: list[int]
     unlabeled_ids: list[int]  # the candidates, ascending sample ids
@@ -57,13 +58,14 @@ class QueryContext:
             # auto | bf16 | fp16 trade that for speed on GPUs.
             precision = resolve_precision(self.options.get("precision", "fp32"), self.device)
             memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
-            # Pools with a uint8 cache: read it into device memory once (unless it does not fit), normalise there.
+            # Pools with a uint8 cache: each batch's rows are read from the memory-mapped cache (never the whole
+            # pool in host memory), moved to the device as uint8 and normalised there.
             uint8 = hasattr(self.pool, "images") and hasattr(self.pool, "normalize")
-            images = device_images(self.pool.images(ids), self.device)[0] if uint8 else None
             logits, feats = [], []
             for start in range(0, len(ids), self.batch_size):
                 if uint8:
-                    x = self.pool.normalize(images[start : start + self.batch_size].to(self.device))
+                    batch = self.pool.images(ids[start : start + self.batch_size])
+                    x = self.pool.normalize(batch.to(self.device, non_blocking=True))
                 else:
                     x = self.pool.inputs(ids[start : start + self.batch_size]).to(self.device)
                 with autocast(precision, self.device):
@@ -92,6 +94,7 @@ class Strategy(ABC):
 
     name: str = ""
     needs_mask: bool = False  # True: ``fmask query`` refuses to run without --mask
+    needs_model: bool = True  # False: ``fmask query`` runs without --ckpt (the first batch of a pool with no labels)
 
     @abstractmethod
     def select(self, ctx: QueryContext, batch: int) -> Selection:

@@ -11,7 +11,9 @@ from fmask import paths
 from fmask.io import atomic_write_bytes
 
 COLUMNS = ["checkpoint", "strategy", "seed", "train_seed", "round", "labeled", "accuracy", "balanced_accuracy",
-           "train_accuracy", "epochs", "train_seconds", "per_class_accuracy", "labeled_counts"]
+           "train_accuracy", "epochs", "train_seconds", "per_class_accuracy", "labeled_counts", "evaluated_on"]
+# evaluated_on: "test" (the pool's test split), "validation" (train --val-fraction), "none" (no test set: accuracy
+# is empty); rows written before the column existed were measured on the test split.
 
 
 def record_metrics(checkpoint: Path, *, labeled_set, metrics: dict, train_seed: int | None = None) -> None:
@@ -27,11 +29,14 @@ def record_metrics(checkpoint: Path, *, labeled_set, metrics: dict, train_seed: 
         "balanced_accuracy": metrics["balanced_accuracy"], "train_accuracy": metrics.get("train_accuracy"),
         "epochs": metrics.get("epochs"), "train_seconds": metrics.get("train_seconds"),
         "per_class_accuracy": json.dumps(metrics["per_class_accuracy"]), "labeled_counts": json.dumps(counts),
+        "evaluated_on": metrics.get("evaluated_on", "test"),
     }
     table = read_metrics(csv_path)
     if len(table) and (table["checkpoint"] == row["checkpoint"]).any():
         recorded = table[table["checkpoint"] == row["checkpoint"]].iloc[0]
-        if float(recorded["accuracy"]) == row["accuracy"] and int(recorded["labeled"]) == row["labeled"]:
+        same_accuracy = (pd.isna(recorded["accuracy"]) and row["accuracy"] is None) or \
+            (row["accuracy"] is not None and float(recorded["accuracy"]) == row["accuracy"])
+        if same_accuracy and int(recorded["labeled"]) == row["labeled"]:
             return  # already recorded: a resumed or skipped step rewrites nothing
     table = table[table["checkpoint"] != row["checkpoint"]] if len(table) else table
     table = pd.concat([table, pd.DataFrame([row], columns=COLUMNS)], ignore_index=True) if len(table) \

@@ -32,6 +32,7 @@ from fmask.train.augment import (RESIDENT_SHARE, Normalizer, TrainBatches, autoc
 from fmask.train.checkpoint import load_checkpoint, save_checkpoint
 from fmask.train.metrics import record_metrics
 from fmask.train.models import build_model
+from fmask.train.validation import TEST, VALIDATION, not_measured, validation_split
 
 # Config fields that choose where batches come from but not what they hold: they stay out of the step hash, so
 # switching them never retrains an up-to-date checkpoint (streaming gives the same weights as resident batches).
@@ -53,6 +54,7 @@ class TrainConfig:
     channels_last: bool = True  # NHWC activations: what GPU convolutions (and oneDNN on CPU) run fastest
     compile: bool = False  # torch.compile the model for the training steps
     stream: bool = False  # force streaming batches from host memory (otherwise chosen when the pool does not fit)
+    val_fraction: float = 0.0  # hold out this stratified share of the labeled set to measure accuracy on
 
 
 @dataclass
@@ -70,7 +72,6 @@ def validate_config(config: TrainConfig, device: torch.device) -> TrainConfig:
     return replace(config, precision=resolve_precision(config.precision, device))
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, pool: Pool, device: torch.device, batch_size: int = 512, *,
              precision: str = "fp32", channels_last: bool = False, stream: Optional[bool] = None) -> dict:
     """Accuracy, balanced accuracy and per-class accuracy on the pool's test split.
@@ -78,18 +79,26 @@ def evaluate(model: torch.nn.Module, pool: Pool, device: torch.device, batch_siz
     The uint8 test images are read into device memory once (streamed per batch when they do not fit) and
     normalised there; ``precision`` is a name from fmask.train.augment.PRECISIONS.
     """
+    return evaluate_images(model, pool.test_images, pool.test_labels, pool, device, batch_size,
+                           precision=precision, channels_last=channels_last, stream=stream)
+
+
+@torch.no_grad()
+def evaluate_images(model: torch.nn.Module, images: torch.Tensor, truth: torch.Tensor, pool: Pool,
+                    device: torch.device, batch_size: int = 512, *, precision: str = "fp32",
+                    channels_last: bool = False, stream: Optional[bool] = None) -> dict:
+    """:func:`evaluate` on any uint8 ``images`` (n, C, H, W) of the pool's classes with labels ``truth``."""
     model.eval()
     precision = resolve_precision(precision, device)
     normalize = Normalizer(pool.manifest["normalization"]["mean"], pool.manifest["normalization"]["std"], device,
                            channels_last)
-    images, _ = device_images(pool.test_images, device, stream=stream)
+    images, _ = device_images(images, device, stream=stream)
     predictions = []
     for start in range(0, len(images), batch_size):
         x = normalize(images[start:start + batch_size].to(device, non_blocking=True))
         with autocast(precision, device):
             predictions.append(model(x).argmax(1))
     predicted = torch.cat(predictions).cpu() if predictions else torch.zeros(0, dtype=torch.long)
-    truth = pool.test_labels
     per_class = []
     for cls in range(pool.num_classes):
         members = truth == cls
@@ -227,7 +236,12 @@ def train(*, pool_dir: str | os.PathLike, labeled: Optional[str | os.PathLike], 
     labeled_path = Path(labeled) if labeled is not None else paths.pool_labeled(pool_dir)
     labeled_set = load_labeled(labeled_path, pool)
     if len(labeled_set.ids) == 0:
+        if not pool.ground_truth:
+            raise FmaskError(f"labeled set {labeled_path} is empty; label a first batch: `fmask query --pool "
+                             f"{pool_dir} --strategy random --batch B --out Q`, `fmask export`, then `fmask label "
+                             "--answers`")
         raise FmaskError(f"labeled set {labeled_path} is empty; build the pool with --initial > 0")
+    validation_split(labeled_set.ids, labeled_set.labels, config.val_fraction, config.seed)  # refuse bad values now
     build_model(config.model, in_channels=pool.image_shape[0], num_classes=pool.num_classes)  # validate the name
     step_config = {k: v for k, v in asdict(config).items() if k not in PLACEMENT_ONLY}
     step = {"pool": pool.hash, "labeled": labeled_set.hash, "config": step_config}
@@ -259,8 +273,10 @@ def _train_locked(out: Path, step: dict, pool: Pool, labeled_set, config: TrainC
     stream, note = plan_loader(pool, len(labeled_set.ids), torch_device, pad=pad, force_stream=config.stream)
     torch.manual_seed(config.seed)
     model = build_model(config.model, in_channels=pool.image_shape[0], num_classes=pool.num_classes).to(torch_device)
-    images = pool.images(labeled_set.ids)  # host uint8; TrainLoop moves it to the device once unless streaming
-    labels = torch.tensor(labeled_set.labels, dtype=torch.long)
+    train_ids, validation_ids = validation_split(labeled_set.ids, labeled_set.labels, config.val_fraction, config.seed)
+    label_of = dict(zip(labeled_set.ids, labeled_set.labels))
+    images = pool.images(train_ids)  # host uint8; TrainLoop moves it to the device once unless streaming
+    labels = torch.tensor([label_of[i] for i in train_ids], dtype=torch.long)
     started = time.perf_counter()
     fit_stats = fit(model, images, labels, pool, config, torch_device, progress, stream=stream)
     if torch_device.type == "cuda":
@@ -269,9 +285,18 @@ def _train_locked(out: Path, step: dict, pool: Pool, labeled_set, config: TrainC
     model.to(memory_format=torch.contiguous_format)  # checkpoints hold plain layouts whatever the training used
     metrics = None
     if distributed.is_main():  # the others wait: one evaluation, one writer
-        metrics = evaluate(model, pool, torch_device, precision=config.precision,
-                           channels_last=config.channels_last, stream=stream)
-        metrics.update(fit_stats, train_seconds=train_seconds, labeled=len(labeled_set.ids),
+        evaluation = dict(precision=config.precision, channels_last=config.channels_last, stream=stream)
+        if validation_ids:  # asked for: measured on the held-out part of the labeled set
+            metrics = evaluate_images(model, pool.images(validation_ids),
+                                      torch.tensor([label_of[i] for i in validation_ids]), pool, torch_device,
+                                      **evaluation)
+            metrics.update(evaluated_on=VALIDATION, validation_samples=len(validation_ids), test_samples=0)
+        elif pool.has_test_set:
+            metrics = evaluate(model, pool, torch_device, **evaluation)
+            metrics["evaluated_on"] = TEST
+        else:
+            metrics = not_measured(pool.num_classes)
+        metrics.update(fit_stats, train_seconds=train_seconds, labeled=len(labeled_set.ids), trained_on=len(train_ids),
                        loader="streaming" if stream else "resident", precision=config.precision)
         save_checkpoint(out, model=model, config=replace(config, stream=stream), pool=pool,
                         labeled_set=labeled_set, metrics=metrics, step=step, fmask_version=__version__)
