@@ -28,13 +28,13 @@ from xml.sax.saxutils import quoteattr
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from torch import nn
 
 from fmask import __version__, paths
 from fmask.device import resolve_device
 from fmask.errors import FmaskError
 from fmask.io import FORMAT_VERSION, output_lock, sha256_file
 from fmask.pool.pool import Pool, load_pool
+from fmask.predict.predict import predict_probabilities
 from fmask.query.base import ProgressFn
 from fmask.query.step import load_query
 from fmask.train.checkpoint import load_checkpoint
@@ -104,19 +104,6 @@ def contact_sheet(images: torch.Tensor, ids: Sequence[int], columns: Optional[in
                    y + layout.tile_height + (CAPTION_HEIGHT - (bottom - top)) // 2 - top),
                   str(sample_id), fill="black", font=font)
     return sheet
-
-
-@torch.no_grad()
-def predict_probabilities(model: nn.Module, pool: Pool, ids: Sequence[int], *, device: torch.device,
-                          batch_size: int = 256, progress: Optional[ProgressFn] = None) -> torch.Tensor:
-    """Softmax probabilities (n, classes) of ``model`` on the pool inputs of ``ids``, float32 on CPU."""
-    model = model.to(device).eval()
-    chunks = []
-    for start in range(0, len(ids), batch_size):
-        chunks.append(torch.softmax(model(pool.inputs(ids[start:start + batch_size]).to(device)).float(), 1).cpu())
-        if progress is not None:
-            progress("model guesses", min(start + batch_size, len(ids)), len(ids))
-    return torch.cat(chunks)
 
 
 def image_url(file: str, *, image_root: str, url_prefix: Optional[str] = None) -> str:

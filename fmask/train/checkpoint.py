@@ -36,6 +36,7 @@ def save_checkpoint(path: Path, *, model: nn.Module, config: Any, pool: Any, lab
         "format": FORMAT_VERSION, "kind": "checkpoint", "fmask_version": fmask_version,
         "arch": config.model, "in_channels": pool.image_shape[0], "num_classes": pool.num_classes,
         "image_shape": list(pool.image_shape), "normalization": pool.manifest["normalization"],
+        "classes": list(pool.classes), "preprocessing": pool.manifest.get("preprocessing"),
         "state_dict": (weights := {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}),
         "weights_sha256": weights_sha256(weights),
         "config": asdict(config),
