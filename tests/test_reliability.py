@@ -231,6 +231,9 @@ def assert_only_complete_artifacts(root: Path) -> dict[str, int]:
         elif path.name == "timings.csv":
             read_timings(path.parent)
             checked["csv"] += 1
+        elif path.suffix == ".npy":
+            assert (path.parent / "manifest.json").is_file(), f"an image cache outside a pool: {path}"
+            # checked with its pool above: load_pool compares every cache file with the manifest's hash
         else:
             assert path.suffix in (".png", ".csv", ".xml", ".log"), f"unexpected file {path}"
     return checked
