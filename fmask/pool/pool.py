@@ -166,7 +166,7 @@ def _build_pool_locked(*, out: Path, step: dict, dataset: str, root: Path, downl
         raise FmaskError(f"{dataset} has no test images of the pool's classes; add a test/ split with these classes")
     initial_ids = np.sort(rng.choice(ids, size=initial, replace=False)) if initial else np.zeros(0, np.int64)
 
-    with staged_pool(out) as staged:
+    with staged_pool(out, [name for name in POOL_OUTPUTS if name not in USER_FILE_TABLES]) as staged:
         stats, shape = copy_into_cache(source.load_train, ids, staged[paths.POOL_IMAGES], progress=progress,
                                        what="caching pool images")
         _, test_shape = copy_into_cache(source.load_test, test_ids, staged[paths.POOL_TEST_IMAGES],
@@ -180,18 +180,21 @@ def _build_pool_locked(*, out: Path, step: dict, dataset: str, root: Path, downl
                     stats=stats, flip=source.default_flip, ground_truth=True, labeled_ids=initial_ids,
                     labeled_labels=source.train_labels[initial_ids], seed=seed, sample_paths=None,
                     extra={"setting": setting, "class_counts": counts, "seed": seed, "initial": initial}, step=step)
-    for name in (paths.POOL_SAMPLES_CSV, paths.POOL_SKIPPED_CSV, paths.POOL_DUPLICATES_CSV):
+    for name in USER_FILE_TABLES:
         paths.pool_file(out, name).unlink(missing_ok=True)  # left by an earlier pool from your own files
     return BuildPoolResult(out, False, counts, len(ids), len(test_ids), initial)
 
 
+USER_FILE_TABLES = (paths.POOL_SAMPLES_CSV, paths.POOL_SKIPPED_CSV, paths.POOL_DUPLICATES_CSV)  # own images only
+
+
 @contextmanager
-def staged_pool(out: Path) -> Iterator[dict[str, Path]]:
-    """Temp paths for every pool file (POOL_OUTPUTS), renamed into place together when the block succeeds, in
-    POOL_OUTPUTS order (the manifest last); when it fails, none is."""
+def staged_pool(out: Path, names: Sequence[str] = POOL_OUTPUTS) -> Iterator[dict[str, Path]]:
+    """Temp paths for the pool files ``names`` (in POOL_OUTPUTS order), renamed into place together when the block
+    succeeds, in that order (the manifest last); when it fails, none is."""
     with ExitStack() as stack:
         # ExitStack renames the last entered first: enter in reverse publish order.
-        staged = {name: stack.enter_context(atomic_path(paths.pool_file(out, name))) for name in reversed(POOL_OUTPUTS)}
+        staged = {name: stack.enter_context(atomic_path(paths.pool_file(out, name))) for name in reversed(names)}
         yield staged
 
 
