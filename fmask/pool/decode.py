@@ -42,7 +42,7 @@ class DecodeOptions:
     channels: int = 3
 
 
-@dataclass
+@dataclass(slots=True)  # one per file of a possibly huge folder: kept small
 class FileResult:
     """What decoding one file gave; ``status`` is OK, BAD (``reason`` says why) or SIZE (another size than the
     cache's, with ``resize`` None)."""
@@ -52,8 +52,8 @@ class FileResult:
     sha256: str = ""
     width: int = 0  # as displayed: after EXIF orientation, before resizing
     height: int = 0
-    sums: Optional[list[int]] = None  # per channel, of the cache row
-    squares: Optional[list[int]] = None
+    sums: Optional[tuple[int, ...]] = None  # per channel, of the cache row
+    squares: Optional[tuple[int, ...]] = None
 
 
 class BadImage(Exception):
@@ -85,7 +85,8 @@ def _to_channels(image, channels: int):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB" if channels == 3 else "L")
+    target = "RGB" if channels == 3 else "L"
+    return image if image.mode == target else image.convert(target)
 
 
 def _resized(image, options: DecodeOptions):
@@ -125,10 +126,11 @@ def decode_bytes(data: bytes, options: DecodeOptions) -> tuple[Optional[np.ndarr
                 # for large photos); other formats ignore this.
                 image.draft("RGB" if options.channels == 3 else "L", (max(options.size), max(options.size)))
             image.load()
-            try:
-                image = ImageOps.exif_transpose(image)
-            except Exception:  # malformed EXIF: keep the stored orientation
-                pass
+            if orientation != 1:
+                try:
+                    image = ImageOps.exif_transpose(image)
+                except Exception:  # malformed EXIF: keep the stored orientation
+                    pass
             image = _to_channels(image, options.channels)
             if options.resize is None and image.size != (options.size[1], options.size[0]):
                 return None, width, height
@@ -159,7 +161,7 @@ def decode_file(path: str, options: DecodeOptions) -> tuple[FileResult, Optional
     if row is None:
         return FileResult(SIZE, f"{width}x{height}", digest, width, height), None
     sums, squares = channel_sums(row)
-    return FileResult(OK, "", digest, width, height, sums, squares), row
+    return FileResult(OK, "", digest, width, height, tuple(sums), tuple(squares)), row
 
 
 # ---- Worker processes ----------------------------------------------------------------------------------------------

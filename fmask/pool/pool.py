@@ -345,13 +345,6 @@ class Pool:
             self._paths = read_sample_paths(self.dir, len(self.ids))
         return [self._paths[int(row)] for row in self.rows(ids)]
 
-    def id_of_path(self) -> dict[str, int]:
-        """{path: sample id} for pools from your own files (empty otherwise)."""
-        if not self.has_paths:
-            return {}
-        paths_ = self.paths(self.ids)
-        return {path: int(i) for path, i in zip(paths_, self.ids)}
-
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (n, C, H, W) -> the float input the model takes (on the images' device)."""
         return (images.float() / 255.0 - self.mean.to(images.device)) / self.std.to(images.device)
