@@ -15,12 +15,12 @@ from typing import Callable
 import numpy as np
 
 from fmask.errors import FmaskError
+from fmask.pool.files import IMAGE_SUFFIXES
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
 MNIST_CLASSES = [str(i) for i in range(10)]
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 @dataclass

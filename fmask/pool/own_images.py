@@ -22,7 +22,7 @@ from fmask.label.answers import resolve_label
 from fmask.pool.cache import PixelStats, keep_rows
 from fmask.pool.decode import BAD, OK, RESIZE_MODES, SIZE, DecodeOptions, FileResult, decode_into_cache, \
     default_workers, probe_size
-from fmask.pool.files import (ImageFile, Skipped, csv_text, list_image_folder, list_test_set, listing_sha256,
+from fmask.pool.files import (IMAGE_SUFFIXES, ImageFile, Skipped, csv_text, list_image_folder, list_test_set, listing_sha256,
                               parse_classes, path_order, read_images_csv, read_labels_csv)
 from fmask.pool.pool import (BUILD_POOL, POOL_OUTPUTS, BuildPoolResult, ProgressFn, finish_pool, pool_is_current,
                              staged_pool)
@@ -103,8 +103,8 @@ def build_image_pool(*, images: Path, out: Path, labels: Optional[str | os.PathL
         csv_labels = {f.path: (f.label, f"images CSV {images}") for f in files if f.label is not None}
         where = f"in {images}"
     if not files:
-        raise FmaskError(f"no image files {where} (looked for {', '.join(sorted({'.jpg', '.png', '.webp', '.tif'}))}"
-                         ", ...); point --images at the folder that holds your images")
+        raise FmaskError(f"no image files {where} (looked for {' '.join(sorted(IMAGE_SUFFIXES))}); point --images at "
+                         "the folder that holds your images")
     if labels is not None and csv_labels:
         raise FmaskError(f"both the label column of {images} and --labels give labels; keep one of them")
     given_labels = read_labels_csv(Path(labels)) if labels is not None else csv_labels

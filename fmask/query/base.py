@@ -61,23 +61,23 @@ class QueryContext:
             # Pools with a uint8 cache: each batch's rows are read from the memory-mapped cache (never the whole
             # pool in host memory), moved to the device as uint8 and normalised there.
             uint8 = hasattr(self.pool, "images") and hasattr(self.pool, "normalize")
-            logits, feats = [], []
+            # Results go into tensors allocated once: small per-batch pieces kept until the end would sit between
+            # the freed batch buffers and fragment the heap, which then grows with the pool.
+            logits = torch.empty(len(ids), self.model.head.out_features)
+            feats = torch.empty(len(ids), self.model.head.in_features)
             for start in range(0, len(ids), self.batch_size):
+                stop = min(start + self.batch_size, len(ids))
                 if uint8:
-                    batch = self.pool.images(ids[start : start + self.batch_size])
+                    batch = self.pool.images(ids[start:stop])
                     x = self.pool.normalize(batch.to(self.device, non_blocking=True))
                 else:
-                    x = self.pool.inputs(ids[start : start + self.batch_size]).to(self.device)
+                    x = self.pool.inputs(ids[start:stop]).to(self.device)
                 with autocast(precision, self.device):
                     h = self.model.forward_features(x.contiguous(memory_format=memory_format))
-                    logits.append(self.model.head(h).float().cpu())
-                feats.append(h.float().cpu())
-                self.report("forward pass", min(start + self.batch_size, len(ids)), len(ids))
-            n_cls = self.model.head.out_features
-            self._cache[key] = (
-                torch.cat(logits) if logits else torch.empty(0, n_cls),
-                torch.cat(feats) if feats else torch.empty(0, self.model.head.in_features),
-            )
+                    logits[start:stop] = self.model.head(h).float().cpu()
+                feats[start:stop] = h.float().cpu()
+                self.report("forward pass", stop, len(ids))
+            self._cache[key] = (logits, feats)
         return self._cache[key]
 
     def probs(self) -> torch.Tensor:
