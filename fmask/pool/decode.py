@@ -18,6 +18,7 @@ import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -260,16 +261,17 @@ def _decode_in_workers(files: Sequence[str], cache_path: str, options: DecodeOpt
     import multiprocessing
     from concurrent.futures.process import BrokenProcessPool
 
-    tasks = [[(i, files[i]) for i in range(start, min(start + FILES_PER_TASK, len(files)))]
-             for start in range(0, len(files), FILES_PER_TASK)]
+    tasks = ([(i, files[i]) for i in range(start, min(start + FILES_PER_TASK, len(files)))]
+             for start in range(0, len(files), FILES_PER_TASK))
+    workers = min(workers, -(-len(files) // FILES_PER_TASK))
     done_files = 0
-    executor = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
+    executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_start_worker, initargs=(cache_path, options))
     try:
-        pending: set[Future] = set()
-        with _light_spawn():  # workers start during the first submits
-            for task in tasks:
-                pending.add(executor.submit(_decode_task, task))
+        # A few tasks per worker in flight: the work stays balanced, and neither the tasks nor their results pile
+        # up in memory for a huge folder.
+        with _light_spawn():  # the workers start during these first submits
+            pending: set[Future] = {executor.submit(_decode_task, task) for task in islice(tasks, 4 * workers)}
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             stop = False
@@ -284,6 +286,7 @@ def _decode_in_workers(files: Sequence[str], cache_path: str, options: DecodeOpt
                 for future in pending:
                     future.cancel()
                 break
+            pending |= {executor.submit(_decode_task, task) for task in islice(tasks, len(finished))}
     except BrokenProcessPool as exc:
         raise FmaskError("an image decoder process crashed on one of the files; rerun with --workers 1 to find the "
                          "file, then remove it") from exc

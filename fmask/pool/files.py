@@ -21,7 +21,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".t
 SIDECAR_PREFIX = "._"  # macOS AppleDouble files that hold a photo's metadata next to it
 
 
-@dataclass
+@dataclass(slots=True)  # one per file of a possibly huge folder: kept small
 class ImageFile:
     """One listed file: its sample ``path`` (how the user names it), where it is on disk, and its label text from
     the images CSV or the test set, when one is given."""
