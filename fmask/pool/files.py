@@ -107,30 +107,40 @@ def read_text(path: Path, what: str) -> str:
 def read_csv_table(path: Path, *, what: str, required: Sequence[str], optional: Sequence[str] = ()
                    ) -> list[tuple[int, dict[str, str]]]:
     """(row number, {column: stripped text}) for each non-blank row of a CSV whose header names ``required`` (and
-    maybe ``optional``) columns, case-insensitively; other columns are ignored. Malformed files are refused."""
+    maybe ``optional``) columns, case-insensitively; other columns are ignored (and not kept: the file is read row
+    by row). Malformed files are refused."""
     if not path.is_file():
         raise FmaskError(f"{what} {path} does not exist; give a CSV file with a header row "
                          f"'{','.join(required)}'")
+    table: list[tuple[int, dict[str, str]]] = []
+    header: Optional[list[str]] = None
     try:
-        rows = list(csv.reader(io.StringIO(read_text(path, what), newline=""), strict=True))
+        # utf-8-sig: spreadsheets save a byte-order mark
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            for number, row in enumerate(csv.reader(handle, strict=True), start=1):
+                if not any(cell.strip() for cell in row):
+                    continue
+                if header is None:
+                    header = [cell.strip().lower() for cell in row]
+                    missing = [name for name in required if name not in header]
+                    if missing:
+                        raise FmaskError(f"{what} {path} needs a header row naming the column(s) "
+                                         f"{', '.join(missing)} (its first row is {','.join(row)[:60]!r})")
+                    columns = {name: header.index(name) for name in (*required, *optional) if name in header}
+                    continue
+                if len(row) != len(header):
+                    raise FmaskError(f"{what} {path}: row {number} has {len(row)} fields but the header has "
+                                     f"{len(header)}; quote fields that hold commas")
+                table.append((number, {name: row[index].strip() for name, index in columns.items()}))
+    except UnicodeDecodeError as exc:
+        raise FmaskError(f"{what} {path} is not UTF-8 text; save it as UTF-8") from exc
     except csv.Error as exc:
         raise FmaskError(f"{what} {path} is not a well-formed CSV ({exc}); quote fields that hold commas or "
                          "quotes") from exc
-    numbered = [(number, row) for number, row in enumerate(rows, start=1) if any(cell.strip() for cell in row)]
-    if not numbered:
+    except OSError as exc:
+        raise FmaskError(f"cannot read {what} {path} ({exc.strerror or exc})") from exc
+    if header is None:
         raise FmaskError(f"{what} {path} is empty; give a header row '{','.join(required)}' and one row per image")
-    header = [cell.strip().lower() for cell in numbered[0][1]]
-    missing = [name for name in required if name not in header]
-    if missing:
-        raise FmaskError(f"{what} {path} needs a header row naming the column(s) {', '.join(missing)} (its first "
-                         f"row is {','.join(numbered[0][1])[:60]!r})")
-    columns = {name: header.index(name) for name in (*required, *optional) if name in header}
-    table = []
-    for number, row in numbered[1:]:
-        if len(row) != len(header):
-            raise FmaskError(f"{what} {path}: row {number} has {len(row)} fields but the header has {len(header)}; "
-                             "quote fields that hold commas")
-        table.append((number, {name: row[index].strip() for name, index in columns.items()}))
     return table
 
 

@@ -4,6 +4,7 @@ memory-mapped uint8 cache (fmask.pool.cache). :class:`Pool` reads it back, memor
 
 from __future__ import annotations
 
+import csv
 import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -355,15 +356,27 @@ class Pool:
 
 
 def read_sample_paths(pool_dir: Path, count: int) -> list[str]:
-    """The ``path`` column of a pool's samples.csv, in sample-id order."""
-    from fmask.pool.files import read_csv_table
-
-    table = read_csv_table(paths.pool_file(pool_dir, paths.POOL_SAMPLES_CSV), what="pool samples file",
-                           required=("sample_id", "path"))
-    if len(table) != count or any(row["sample_id"] != str(i) for i, (_, row) in enumerate(table)):
-        raise FmaskError(f"{paths.pool_file(pool_dir, paths.POOL_SAMPLES_CSV)} does not list the pool's samples in "
-                         f"order; rerun `{BUILD_POOL} --force`")
-    return [row["path"] for _, row in table]
+    """The ``path`` column of a pool's samples.csv, in sample-id order, read row by row (only the paths are kept:
+    for a pool of millions the whole table would not be small)."""
+    samples = paths.pool_file(pool_dir, paths.POOL_SAMPLES_CSV)
+    broken = FmaskError(f"{samples} does not list the pool's samples in order; rerun `{BUILD_POOL} --force`")
+    sample_paths: list[str] = []
+    try:
+        with open(samples, newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle, strict=True)
+            header = next(reader, [])
+            if "sample_id" not in header or "path" not in header:
+                raise broken
+            id_column, path_column = header.index("sample_id"), header.index("path")
+            for expected, row in enumerate(reader):
+                if row[id_column] != str(expected):
+                    raise broken
+                sample_paths.append(row[path_column])
+    except (OSError, UnicodeDecodeError, csv.Error, IndexError) as exc:
+        raise broken from exc
+    if len(sample_paths) != count:
+        raise broken
+    return sample_paths
 
 
 def load_pool(pool_dir: str | os.PathLike) -> Pool:
