@@ -47,11 +47,11 @@ if not (photos / ".complete").exists():
             image = Image.open(source / "train" / cls / f"{index:04d}.jpg").convert("RGB")
             side = (32, 48, 64, 40)[index % 4]
             image = image.resize((side, side + 8 * (index % 3)))
-            name = f"{cls}_{index:04d}" + (".jpg" if index % 2 else ".png")
             if index % 5 == 3:
                 image = image.convert("L")
             elif index % 5 == 4:
                 image = image.convert("RGBA")
+            name = f"{cls}_{index:04d}" + (".jpg" if index % 2 and image.mode != "RGBA" else ".png")
             image.save(photos / name)
             if index < 5:
                 rows.append((name, cls))
@@ -102,8 +102,7 @@ EOF
     else
         answers=$manifest
         if ! "$PYTHON" -c 'import csv,sys; sys.exit(0 if any(r["label"].strip() for r in csv.DictReader(open(sys.argv[1], newline=""))) else 1)' "$manifest"; then
-            echo "fill in the label column of $manifest (or answer in Label Studio and save its JSON export as"
-            echo "that file's answers), then run this command again"
+            echo "fill in the label column of $manifest, then run this command again"
             exit 0
         fi
     fi
