@@ -30,6 +30,8 @@ def train_command(
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model for the training steps."),
     stream: bool = typer.Option(False, "--stream", help="Stream batches from host memory instead of keeping the "
                                                         "images on the device (automatic when they do not fit)."),
+    mc_dropout: float = typer.Option(0.0, help="Dropout rate before the head (0: none); bald and batchbald need "
+                                               "it for their Monte Carlo dropout passes, e.g. 0.3."),
     force: bool = typer.Option(False, help="Retrain even if the checkpoint exists with the same inputs."),
 ) -> None:
     """Train from scratch on the labeled set, evaluate on the test split, write a checkpoint.
@@ -39,7 +41,7 @@ def train_command(
     config = TrainConfig(model=model, lr=lr, batch_size=batch_size, max_epochs=epochs,
                          target_train_accuracy=target_accuracy, grad_clamp=grad_clamp or None, augment=augment,
                          seed=seed, precision=precision, channels_last=channels_last, compile=compile_model,
-                         stream=stream)
+                         stream=stream, mc_dropout=mc_dropout)
     with progress_callback() if distributed.is_main() else nullcontext(None) as progress:
         result = train(pool_dir=pool, labeled=labeled, out=out, config=config, device=device, force=force,
                        progress=progress)

@@ -92,10 +92,19 @@ class Strategy(ABC):
 
     name: str = ""
     needs_mask: bool = False  # True: ``fmask query`` refuses to run without --mask
+    needs_labels: bool = False  # True: scores come from a head trained on labels; an empty labeled set is refused
+    needs_mc_dropout: bool = False  # True: needs a checkpoint trained with --mc-dropout (``fmask run`` trains one)
 
     @abstractmethod
     def select(self, ctx: QueryContext, batch: int) -> Selection:
         """Pick ``batch`` distinct ids from ``ctx.unlabeled_ids``."""
+
+
+def require_labeled(ctx: QueryContext, strategy: str) -> None:
+    """Refuse the cold start for a strategy whose scores need a classifier trained on labels."""
+    if not ctx.labeled_ids:
+        raise FmaskError(f"strategy {strategy!r} needs a model trained on labeled samples and the labeled set is empty; "
+                         "start with typiclust, probcover, kcenter or random")
 
 
 def top_scores(ctx: QueryContext, scores: torch.Tensor, batch: int) -> Selection:

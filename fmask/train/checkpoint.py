@@ -102,7 +102,12 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
         raise FmaskError(f"checkpoint {path} has NaN or infinite weights in {bad}; retrain with `{TRAIN}`")
-    model = build_model(state["arch"], in_channels=int(state["in_channels"]), num_classes=int(state["num_classes"]))
+    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    dropout = config.get("mc_dropout") or 0.0
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise FmaskError(f"checkpoint {path} records an invalid mc_dropout {dropout!r}; retrain with `{TRAIN}`")
+    model = build_model(state["arch"], in_channels=int(state["in_channels"]), num_classes=int(state["num_classes"]),
+                        dropout=float(dropout))
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:

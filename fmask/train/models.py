@@ -12,7 +12,26 @@ from fmask.errors import FmaskError
 HEAD_PREFIX = "head."
 
 
-class SmallCNN(nn.Module):
+class Classifier(nn.Module):
+    """A feature body and a linear ``head``: forward(x) = head(head_dropout(forward_features(x))).
+
+    ``head_dropout`` is the identity unless :func:`build_model` gets ``dropout`` > 0 (``fmask train --mc-dropout``,
+    for BALD's Monte Carlo dropout passes); it has no parameters, so checkpoints' state_dicts do not change."""
+
+    head: nn.Linear
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head_dropout: nn.Module = nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_dropout(self.forward_features(x)))
+
+
+class SmallCNN(Classifier):
     """A small CNN for CPU runs and tests: two conv blocks, global pooling, one hidden layer."""
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 32, embed_dim: int = 128) -> None:
@@ -30,9 +49,6 @@ class SmallCNN(nn.Module):
         x = F.relu(self.bn2(self.conv2(x)))
         x = F.adaptive_avg_pool2d(x, 2).flatten(1)
         return F.relu(self.fc(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
 
 
 class BasicBlock(nn.Module):
@@ -56,7 +72,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet18(nn.Module):
+class CifarResNet18(Classifier):
     """ResNet-18, CIFAR variant (3x3 stem, no max-pool), about 11.2M parameters as in the paper."""
 
     def __init__(self, in_channels: int, num_classes: int) -> None:
@@ -75,11 +91,8 @@ class CifarResNet18(nn.Module):
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
 
-
-class TorchvisionClassifier(nn.Module):
+class TorchvisionClassifier(Classifier):
     """A torchvision classification model split into a feature body and a linear ``head``."""
 
     def __init__(self, name: str, in_channels: int, num_classes: int) -> None:
@@ -100,9 +113,6 @@ class TorchvisionClassifier(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
 
 
 def _strip_classifier(body: nn.Module, name: str) -> int:
@@ -139,12 +149,25 @@ def _adapt_stem(body: nn.Module, in_channels: int, name: str) -> None:
 MODEL_NAMES = ("resnet18", "cnn", "torchvision:NAME")
 
 
-def build_model(name: str, *, in_channels: int, num_classes: int) -> nn.Module:
-    """Build an untrained model by name: ``resnet18``, ``cnn`` or ``torchvision:NAME``."""
+def build_model(name: str, *, in_channels: int, num_classes: int, dropout: float = 0.0) -> nn.Module:
+    """Build an untrained model by name: ``resnet18``, ``cnn`` or ``torchvision:NAME``; ``dropout`` > 0 puts a
+    dropout layer of that rate before the head."""
+    if not 0.0 <= dropout < 1.0:
+        raise FmaskError(f"--mc-dropout {dropout} must be at least 0 and below 1; pass e.g. --mc-dropout 0.3")
     if name == "resnet18":
-        return CifarResNet18(in_channels, num_classes)
-    if name == "cnn":
-        return SmallCNN(in_channels, num_classes)
-    if name.startswith("torchvision:") and len(name) > len("torchvision:"):
-        return TorchvisionClassifier(name.split(":", 1)[1], in_channels, num_classes)
-    raise FmaskError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+        model: Classifier = CifarResNet18(in_channels, num_classes)
+    elif name == "cnn":
+        model = SmallCNN(in_channels, num_classes)
+    elif name.startswith("torchvision:") and len(name) > len("torchvision:"):
+        model = TorchvisionClassifier(name.split(":", 1)[1], in_channels, num_classes)
+    else:
+        raise FmaskError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    if dropout > 0.0:
+        model.head_dropout = nn.Dropout(dropout)
+    return model
+
+
+def head_dropout_rate(model: nn.Module) -> float:
+    """The rate of the dropout layer before the model's head (0.0 when it has none)."""
+    layer = getattr(model, "head_dropout", None)
+    return float(layer.p) if isinstance(layer, nn.Dropout) else 0.0

@@ -53,6 +53,7 @@ class TrainConfig:
     channels_last: bool = True  # NHWC activations: what GPU convolutions (and oneDNN on CPU) run fastest
     compile: bool = False  # torch.compile the model for the training steps
     stream: bool = False  # force streaming batches from host memory (otherwise chosen when the pool does not fit)
+    mc_dropout: float = 0.0  # dropout rate before the head (for BALD's MC dropout); 0: none, as in the paper
 
 
 @dataclass
@@ -228,8 +229,11 @@ def train(*, pool_dir: str | os.PathLike, labeled: Optional[str | os.PathLike], 
     labeled_set = load_labeled(labeled_path, pool)
     if len(labeled_set.ids) == 0:
         raise FmaskError(f"labeled set {labeled_path} is empty; build the pool with --initial > 0")
-    build_model(config.model, in_channels=pool.image_shape[0], num_classes=pool.num_classes)  # validate the name
+    build_model(config.model, in_channels=pool.image_shape[0], num_classes=pool.num_classes,
+                dropout=config.mc_dropout)  # validate the name and rate
     step_config = {k: v for k, v in asdict(config).items() if k not in PLACEMENT_ONLY}
+    if not config.mc_dropout:  # checkpoints written before --mc-dropout existed stay current
+        del step_config["mc_dropout"]
     step = {"pool": pool.hash, "labeled": labeled_set.hash, "config": step_config}
     if distributed.world_size() > 1:  # DDP training gives other weights than one process: not the same step
         step["processes"] = distributed.world_size()
@@ -258,7 +262,8 @@ def _train_locked(out: Path, step: dict, pool: Pool, labeled_set, config: TrainC
     pad = int(pool.manifest["augment"]["crop_pad"]) if config.augment else 0
     stream, note = plan_loader(pool, len(labeled_set.ids), torch_device, pad=pad, force_stream=config.stream)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, in_channels=pool.image_shape[0], num_classes=pool.num_classes).to(torch_device)
+    model = build_model(config.model, in_channels=pool.image_shape[0], num_classes=pool.num_classes,
+                        dropout=config.mc_dropout).to(torch_device)
     images = pool.images(labeled_set.ids)  # host uint8; TrainLoop moves it to the device once unless streaming
     labels = torch.tensor(labeled_set.labels, dtype=torch.long)
     started = time.perf_counter()
