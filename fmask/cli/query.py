@@ -26,6 +26,15 @@ def query_command(
     float64: bool = typer.Option(False, help="Run the Fisher-greedy engine in float64."),
     chunk_size: Optional[int] = typer.Option(None, help="Candidates per chunk in the selection engines (memory bound)."),
     precision: str = typer.Option("fp32", help="Forward-pass precision: fp32 | auto | bf16 | fp16."),
+    mc_samples: Optional[int] = typer.Option(None, help="MC dropout passes (bald, batchbald; default 20)."),
+    joint_samples: Optional[int] = typer.Option(None, help="Label configurations BatchBALD keeps; sampled beyond "
+                                                           "(default 1000)."),
+    radius: Optional[float] = typer.Option(None, help="Ball radius on normalised features (probcover; default: "
+                                                      "the purity rule)."),
+    clusters: Optional[int] = typer.Option(None, help="Average-linkage clusters (cluster-margin; default: --batch)."),
+    oversample: Optional[int] = typer.Option(None, help="Margin pool = oversample x batch (cluster-margin; "
+                                                        "default 10)."),
+    cluster_cap: Optional[int] = typer.Option(None, help="Most points clustered (cluster-margin; default 20000)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     force: bool = typer.Option(False, help="Rerun even if the output exists with the same inputs."),
 ) -> None:
@@ -34,7 +43,8 @@ def query_command(
     Under `torchrun --nproc-per-node K -m fmask query ...` fishermask and bait shard the pool over the processes."""
     distributed.init_from_env(device)
     options = {"lamb": lamb, "backward_steps": backward_steps, "float64": float64, "chunk_size": chunk_size,
-               "precision": precision}
+               "precision": precision, "mc_samples": mc_samples, "joint_samples": joint_samples, "radius": radius,
+               "clusters": clusters, "oversample": oversample, "cluster_cap": cluster_cap}
     with progress_callback() if distributed.is_main() else nullcontext(None) as progress:
         result = run_query(ckpt=ckpt, out=out, strategy=strategy, batch=batch, pool_dir=pool, labeled=labeled,
                            mask=mask, seed=seed, device=device, options=options, force=force, progress=progress)

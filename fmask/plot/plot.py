@@ -142,12 +142,15 @@ def plot_learning_curves(runs: pd.DataFrame, path: Path, metric: str = "accuracy
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for strategy, rows in runs.groupby("strategy", sort=True):
+    groups = list(runs.groupby("strategy", sort=True))
+    # The default cycle repeats after ten colours; more strategies than that each get one of tab20's twenty.
+    colors = plt.get_cmap("tab20").colors if len(groups) > 10 else plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (strategy, rows), color in zip(groups, colors * (len(groups) // len(colors) + 1)):
         stats = rows.groupby("labeled")[metric].agg(["mean", "std", "count"]).fillna(0.0)
         x = stats.index.to_numpy(float)
         n_runs = rows["run"].nunique()
-        ax.plot(x, stats["mean"], marker="o", markersize=3, label=f"{strategy} (n={n_runs})")
-        ax.fill_between(x, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2)
+        ax.plot(x, stats["mean"], marker="o", markersize=3, color=color, label=f"{strategy} (n={n_runs})")
+        ax.fill_between(x, stats["mean"] - stats["std"], stats["mean"] + stats["std"], color=color, alpha=0.2)
     ax.set_xlabel("labeled samples")
     ax.set_ylabel(f"test {metric.replace('_', ' ')}")
     ax.set_title("Learning curves (mean ± std over seeds)")
