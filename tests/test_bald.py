@@ -100,7 +100,8 @@ def test_bald_handles_zero_probabilities_and_agreeing_passes() -> None:
 # ---------------------------------------------------------------- BatchBALD
 
 
-@pytest.mark.parametrize("n, passes, classes, batch, seed", [(10, 6, 3, 4, 0), (9, 5, 2, 5, 1), (8, 4, 4, 3, 2)])
+@pytest.mark.parametrize("n, passes, classes, batch, seed",
+                         [(10, 6, 3, 4, 0), (9, 5, 2, 5, 1), (8, 4, 4, 3, 2), (120, 6, 2, 7, 3)])
 def test_batchbald_exact_mode_equals_brute_force_greedy(n, passes, classes, batch, seed) -> None:
     log_probs = random_log_probs(n, passes, classes, seed)
     expected = brute_batchbald(log_probs, batch)

@@ -41,7 +41,7 @@ def mc_dropout_log_probs(features: torch.Tensor, head: nn.Module, rate: float, s
     for start in range(0, n, chunk_rows):
         rows = features[start:start + chunk_rows]
         kept = torch.rand((rows.shape[0], samples, width), generator=generator, device=rows.device) < keep
-        dropped = rows[:, None, :] * kept / keep
+        dropped = (rows / keep)[:, None, :] * kept
         out[start:start + rows.shape[0]] = torch.log_softmax(head(dropped.to(head.weight.dtype)).float(), dim=-1)
         if progress is not None:
             progress("MC dropout passes", min(start + chunk_rows, n), n)

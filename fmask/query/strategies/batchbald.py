@@ -15,8 +15,15 @@ importance-weighted means over the draws: H[y_1..y_n] ≈ mean_m −log P(ŷ_m) 
 mean_m H[y_x | ŷ_m]; each new pick extends every drawn configuration by one label from its own pass. The posterior
 form keeps every quantity a probability of order one, so nothing underflows however long the batch.
 
+Candidates are rescored lazily: a candidate's gain can only shrink as the batch grows (conditioning on more labels
+lowers H[y_x | ŷ]; BatchBALD's objective is submodular), so each step rescores candidates in the order of their
+last gains, a block at a time, and stops once the best fresh gain beats every stale one. The picks are the full
+greedy's (up to rounding in near-ties; with drawn configurations, up to their sampling noise) at a fraction of
+the work: the first step scores all N candidates, later steps usually a few blocks.
+
 Memory: S × num_samples for the configurations, candidates are scored in blocks of at most 2^22 (candidate,
-configuration, class) entries; never C^batch. Work per step: N · S · K · C multiply-adds with K ≤ num_samples.
+configuration, class) entries; never C^batch. Work per scored candidate: S · K · C multiply-adds and K · C
+logarithms with K ≤ num_samples.
 """
 
 from __future__ import annotations
@@ -95,12 +102,15 @@ class JointLabels:
             entropy = float(-log_marginal.mean())
         return weight, posterior, entropy
 
+    def block_rows(self) -> int:
+        """Candidates per scoring block: about BLOCK_ELEMENTS (candidate, configuration, class) entries."""
+        return max(1, BLOCK_ELEMENTS // (self.log_joint.shape[1] * self.classes))
+
     def joint_entropies(self, log_probs: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """H[y_1..y_n, y_x] for every candidate x of ``log_probs`` (N, S, C): float64, (N,); blocks in ``dtype``."""
         weight, posterior, entropy = self.weights()
         weight, posterior = weight.to(dtype), posterior.to(dtype)
-        n, _, classes = log_probs.shape
-        rows = max(1, BLOCK_ELEMENTS // (posterior.shape[1] * classes))
+        n, rows = log_probs.shape[0], self.block_rows()
         out = torch.empty(n, dtype=torch.float64, device=self.device)
         for start in range(0, n, rows):
             probs = log_probs[start:start + rows].to(self.device, dtype).exp()  # (B, S, C)
@@ -123,20 +133,29 @@ def batchbald_greedy(log_probs: torch.Tensor, batch: int, *, num_samples: int = 
     conditional = expected_entropies(log_probs)  # E_w H[y_x | w] per candidate
     joint = JointLabels(passes, classes, num_samples=num_samples, generator=torch.Generator().manual_seed(seed),
                         device=log_probs.device)
-    taken = torch.zeros(n, dtype=torch.bool, device=log_probs.device)
+    # Upper bounds on every candidate's gain: its last computed gain (+inf before the first, -inf once picked).
+    bounds = torch.full((n,), float("inf"), dtype=torch.float64, device=log_probs.device)
     picked_conditional = 0.0
     positions: list[int] = []
     scores: list[float] = []
     for step in range(batch):
-        gains = joint.joint_entropies(log_probs, dtype=dtype) - conditional - picked_conditional
-        gains.masked_fill_(taken, float("-inf"))
-        pick = int(torch.argmax(gains).item())  # the first maximum: ties go to the lowest position
-        positions.append(pick)
-        scores.append(float(gains[pick].item()))
-        taken[pick] = True
-        picked_conditional += float(conditional[pick].item())
+        order = torch.sort(-bounds, stable=True).indices  # highest bound first, ties by position
+        best, best_gain, scored, rows, left = -1, float("-inf"), 0, joint.block_rows(), n - step
+        while scored < left and bounds[order[scored]].item() >= best_gain:
+            index = order[scored:min(scored + rows, left)]  # the picked (bound -inf) sort last: never rescored
+            gains = joint.joint_entropies(log_probs[index], dtype=dtype) - conditional[index] - picked_conditional
+            bounds[index] = gains
+            top = gains.max().item()
+            first = int(index[gains == top].min().item())  # ties go to the lowest position
+            if top > best_gain or (top == best_gain and first < best):
+                best, best_gain = first, top
+            scored += len(index)
+        positions.append(best)
+        scores.append(best_gain)
+        bounds[best] = float("-inf")
+        picked_conditional += float(conditional[best].item())
         if step + 1 < batch:
-            joint.add(log_probs[pick])
+            joint.add(log_probs[best])
         if progress is not None:
             progress("BatchBALD", step + 1, batch)
     return positions, scores
