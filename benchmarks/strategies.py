@@ -11,9 +11,11 @@ network's embeddings rather than high-dimensional noise; class probabilities com
 BALD/BatchBALD's (N, S, C) log-probabilities from S dropout passes (p = 0.3) through that head. BatchBALD picks
 ``--bald-batch`` (default 100) with S = ``--passes`` (default 20) and 1,000 label configurations; the others pick
 ``--batch``. Every strategy runs in a fresh subprocess with the inputs already built, so its peak memory is its
-own: on CPU the peak resident set size (getrusage ru_maxrss) minus the resident size once the inputs exist; on
+own: on CPU the peak resident set size during the selection (VmHWM, reset through /proc/self/clear_refs once the
+inputs exist) minus the resident size at that point; on
 CUDA torch.cuda.max_memory_allocated minus the memory the inputs hold. Times cover the selection alone (the
-MC-dropout passes are their own row), after a warm-up on 256 candidates.
+MC-dropout passes are their own row), after a warm-up on 256 candidates, as wall-clock and as the process's CPU
+time (on a shared machine the CPU time of one thread is the steadier figure).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -62,14 +63,18 @@ def make_inputs(args: argparse.Namespace, device: torch.device) -> dict[str, tor
     return {"features": features.to(device), "probs": probs.to(device), "head": head.to(device)}
 
 
+def peak_rss_bytes() -> int:
+    """The peak resident set size since the last reset (VmHWM of /proc/self/status)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
 def run_side(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     inputs = make_inputs(args, device)
     features, probs, head = inputs["features"], inputs["probs"], inputs["head"]
     candidates, labeled_features = features[:args.n], features[args.n:]
-    labeled = np.zeros(len(features), dtype=bool)
-    labeled[args.n:] = True
 
     def passes(rows: torch.Tensor) -> torch.Tensor:
         return mc_dropout_log_probs(rows, head, 0.3, args.passes,
@@ -79,8 +84,9 @@ def run_side(args: argparse.Namespace) -> dict:
 
     def select(n: int, batch: int) -> list[int]:
         """The side's selection over the first ``n`` candidates (and the labeled samples)."""
-        pool_rows = torch.cat([candidates[:n], labeled_features])
-        pool_labeled = np.concatenate([np.zeros(n, dtype=bool), np.ones(args.labeled, dtype=bool)])
+        if args.side in ("typiclust", "probcover"):  # these read the whole pool, labeled samples included
+            pool_rows = torch.cat([candidates[:n], labeled_features])
+            pool_labeled = np.concatenate([np.zeros(n, dtype=bool), np.ones(args.labeled, dtype=bool)])
         if args.side == "margin":
             return torch.topk(margin_scores(probs[:n]), batch).indices.tolist()
         if args.side == "bald":
@@ -114,19 +120,21 @@ def run_side(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     else:
         base = current_rss_bytes()
-    start = time.perf_counter()
+        with open("/proc/self/clear_refs", "w") as clear:  # restart the peak (VmHWM) from the current size
+            clear.write("5")
+    start, start_cpu = time.perf_counter(), time.process_time()
     chosen = select(args.n, batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     if device.type == "cuda":
         peak_extra = torch.cuda.max_memory_allocated() - base
     else:
-        peak_extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base  # ru_maxrss: KiB on Linux
+        peak_extra = peak_rss_bytes() - base
     if args.side != "mc-dropout-passes":
         assert len(set(chosen)) == batch and all(0 <= p < args.n for p in chosen), args.side
     return {"side": args.side, "batch": batch if args.side != "mc-dropout-passes" else 0, "seconds": seconds,
-            "peak_extra_bytes": max(peak_extra, 0), **side_notes}
+            "cpu_seconds": cpu_seconds, "peak_extra_bytes": max(peak_extra, 0), **side_notes}
 
 
 def parse_args() -> argparse.Namespace:
@@ -158,7 +166,7 @@ def main() -> None:
     print(f"N={args.n:,} E={args.e} C={args.c} labeled={args.labeled:,} batch={args.batch:,} "
           f"(BatchBALD {args.bald_batch}, S={args.passes}) device={args.device} threads={args.threads} "
           f"torch={torch.__version__}", flush=True)
-    print(f"{'strategy':<20}{'batch':>7}{'time (s)':>10}{'peak extra (MiB)':>18}", flush=True)
+    print(f"{'strategy':<20}{'batch':>7}{'wall (s)':>10}{'CPU (s)':>10}{'peak extra (MiB)':>18}", flush=True)
     environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     for side in sides:
         command = [sys.executable, "-m", "benchmarks.strategies", "--side", side] + [
@@ -166,8 +174,8 @@ def main() -> None:
         output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT, env=environment).stdout
         result = json.loads(output.strip().splitlines()[-1])
         note = f"   radius {result['radius']:.3f}" if "radius" in result else ""
-        print(f"{side:<20}{result['batch']:>7}{result['seconds']:>10.2f}{result['peak_extra_bytes'] / 2**20:>18.1f}"
-              f"{note}", flush=True)
+        print(f"{side:<20}{result['batch']:>7}{result['seconds']:>10.2f}{result['cpu_seconds']:>10.2f}"
+              f"{result['peak_extra_bytes'] / 2**20:>18.1f}{note}", flush=True)
 
 
 if __name__ == "__main__":

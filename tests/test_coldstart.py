@@ -9,10 +9,9 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 
-from fmask.errors import FmaskError
 from fmask.query import cluster_margin_select, probcover_select, typiclust_select
 from fmask.query.strategies.cluster_margin import average_linkage_clusters, condensed_distances, round_robin
-from fmask.query.strategies.probcover import coverage_graph, normalized, purity_radius
+from fmask.query.strategies.probcover import balls, normalized, purity_radius
 from fmask.query.strategies.typiclust import typiclust_pick
 
 
@@ -123,13 +122,11 @@ def test_probcover_equals_greedy_max_coverage_of_the_balls(radius: float, labele
         features, labeled_ids, batch, radius)
 
 
-def test_coverage_graph_blocks_and_the_edge_limit() -> None:
+def test_balls_hold_every_point_within_the_radius() -> None:
     features = torch.randn(50, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    graph = coverage_graph(normalized(features), 0.7)
-    expected = balls_reference(features, 0.7)
-    assert [set(graph[i].indices.tolist()) for i in range(50)] == expected
-    with pytest.raises(FmaskError, match="--radius"):
-        coverage_graph(normalized(features), 2.0, max_edges=100)
+    points = normalized(features)
+    members = balls(points, torch.arange(50), 0.7, (points * points).sum(dim=1))
+    assert [set(torch.nonzero(row).flatten().tolist()) for row in members] == balls_reference(features, 0.7)
 
 
 def purity_reference(features: torch.Tensor, pseudo_labels: np.ndarray, radius: float) -> float:

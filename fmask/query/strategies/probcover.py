@@ -12,9 +12,10 @@ and δ is the largest radius at which at least 95% of the balls are pure. A ball
 is below the distance from x to the nearest point of another cluster, so δ comes from those distances (computed
 in blocks, for a seeded sample of 5,000 centres when the pool is larger).
 
-The ball graph is built in blocks of rows on the features' device and kept sparse (CSR, 4 bytes per edge; a
-radius that would put more than 100 million edges in it is refused), with its transpose for the greedy's updates:
-memory O(N + edges), never N × N.
+The balls are never stored (a large radius can put thousands of points in each, billions of pairs in all): they
+are recomputed in blocks of rows on the features' device when the greedy needs them, once for every ball's size,
+then one per pick and one per newly covered point (at most N over the run). Work at most about twice N² · E
+multiply-adds, memory O(N + block × N), never N × N.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from fmask.query.strategies.typiclust import pool_features
 
 DEFAULT_PURITY = 0.95
 PURITY_SAMPLE = 5_000
-MAX_EDGES = 100_000_000
 
 
 def normalized(features: torch.Tensor) -> torch.Tensor:
@@ -43,60 +43,54 @@ def normalized(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(features, dim=1)
 
 
-def coverage_graph(points: torch.Tensor, radius: float, *, max_edges: int = MAX_EDGES):
-    """The ball graph: row x holds every point within ``radius`` of ``points[x]`` (x included), as a scipy CSR
-    matrix (N, N) of booleans, built on the device of ``points`` in blocks of rows."""
-    from scipy.sparse import csr_matrix
-
-    n = points.shape[0]
-    sq_norms = (points * points).sum(dim=1)
-    counts = np.zeros(n, dtype=np.int64)
-    columns: list[np.ndarray] = []
-    edges = 0
-    rows = block_rows(n)
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        block = squared_distances(points[start:stop], points, sq_norms)
-        block[torch.arange(stop - start), torch.arange(start, stop)] = 0.0  # every ball holds its centre
-        hits = torch.nonzero(block <= radius * radius)  # row-major: columns ascend within each row
-        edges += hits.shape[0]
-        if edges > max_edges:
-            raise FmaskError(f"ProbCover's radius {radius:.4g} puts more than {max_edges:,} pairs of the {n:,} points "
-                             "within reach of each other; pass a smaller --radius")
-        counts[start:stop] = torch.bincount(hits[:, 0], minlength=stop - start).cpu().numpy()
-        columns.append(hits[:, 1].to(torch.int32).cpu().numpy())
-    indptr = np.concatenate([[0], np.cumsum(counts)])
-    indices = np.concatenate(columns) if columns else np.zeros(0, dtype=np.int32)
-    return csr_matrix((np.ones(len(indices), dtype=bool), indices, indptr), shape=(n, n))
+def balls(points: torch.Tensor, centres: torch.Tensor, radius: float, sq_norms: torch.Tensor) -> torch.Tensor:
+    """Membership (len(centres), N): which of ``points`` lie within ``radius`` of each centre (a position into
+    ``points``; every ball holds its centre). ``sq_norms`` are the points' squared norms."""
+    block = squared_distances(points[centres], points, sq_norms) <= radius * radius
+    block[torch.arange(len(centres), device=points.device), centres] = True
+    return block
 
 
-def probcover_greedy(graph, labeled: np.ndarray, batch: int,
+def probcover_greedy(points: torch.Tensor, labeled: np.ndarray, batch: int, radius: float,
                      progress: Optional[ProgressFn] = None) -> tuple[list[int], list[float]]:
-    """Greedy max coverage on a ball ``graph`` (CSR, row x = the ball of x) from the balls of the ``labeled`` rows:
-    (positions in pick order, how many points each pick newly covered)."""
+    """Greedy max coverage of the balls of ``radius`` around ``points`` (N, E), starting from the points covered by
+    the balls of the ``labeled`` rows: (positions in pick order, how many points each pick newly covered).
+
+    Balls are recomputed in blocks of rows when needed, never stored: one pass over all N balls for their sizes,
+    one ball per pick, and the balls of the newly covered points to lower the gains of the balls holding them
+    (ball membership is symmetric), at most N of those over the whole run. Memory O(N + block × N)."""
     labeled = np.asarray(labeled, dtype=bool)
-    n = graph.shape[0]
+    n, device = points.shape[0], points.device
     if batch < 0 or batch > int((~labeled).sum()):
         raise ValueError(f"batch must be between 0 and the {int((~labeled).sum())} unlabeled points, got {batch}")
-    indptr, indices = graph.indptr, graph.indices
-    covered = np.zeros(n, dtype=bool)
-    covered[graph[np.flatnonzero(labeled)].indices] = True
-    degree = np.diff(indptr).astype(np.int64)
-    # Points of each ball not yet covered (every ball holds its centre, so no row is empty for reduceat).
-    gain = np.add.reduceat((~covered)[indices].astype(np.int64), indptr[:-1]) if n else np.zeros(0, np.int64)
-    members_of = graph.T.tocsr()  # row y: the centres whose balls hold y
-    eligible = ~labeled
-    scale = int(degree.max()) + 1 if n else 1
+    sq_norms = (points * points).sum(dim=1)
+    rows = block_rows(n)
+
+    def blocks(index: torch.Tensor):
+        for start in range(0, len(index), rows):
+            yield index[start:start + rows]
+
+    covered = torch.zeros(n, dtype=torch.bool, device=device)
+    for centres in blocks(torch.as_tensor(np.flatnonzero(labeled), device=device)):
+        covered |= balls(points, centres, radius, sq_norms).any(dim=0)
+    size = torch.empty(n, dtype=torch.int64, device=device)  # points in each ball
+    gain = torch.empty(n, dtype=torch.int64, device=device)  # points in each ball not yet covered
+    for centres in blocks(torch.arange(n, device=device)):
+        members = balls(points, centres, radius, sq_norms)
+        size[centres] = members.sum(dim=1)
+        gain[centres] = (members & ~covered).sum(dim=1)
+    eligible = torch.as_tensor(~labeled, device=device)
+    scale = int(size.max().item()) + 1 if n else 1
     positions: list[int] = []
     scores: list[float] = []
     for step in range(batch):
-        key = np.where(eligible, gain * scale + degree, -1)  # most newly covered, then the larger ball
-        pick = int(np.argmax(key))  # the first maximum: the lowest position
-        ball = indices[indptr[pick]:indptr[pick + 1]]
-        newly = ball[~covered[ball]]
+        key = torch.where(eligible, gain * scale + size, -1)  # most newly covered, then the larger ball
+        pick = int(torch.argmax(key).item())  # the first maximum: the lowest position
+        newly = torch.nonzero(balls(points, torch.tensor([pick], device=device), radius, sq_norms)[0]
+                              & ~covered).flatten()
         covered[newly] = True
-        if len(newly):
-            gain -= np.bincount(members_of[newly].indices, minlength=n)
+        for centres in blocks(newly):  # each ball holding a newly covered point gains one fewer
+            gain -= balls(points, centres, radius, sq_norms).sum(dim=0)
         eligible[pick] = False
         positions.append(pick)
         scores.append(float(len(newly)))
@@ -136,7 +130,7 @@ def probcover_select(features: torch.Tensor, labeled: torch.Tensor | np.ndarray,
     if radius <= 0:
         raise ValueError(f"radius must be positive, got {radius}")
     labeled = np.asarray(labeled.cpu() if isinstance(labeled, torch.Tensor) else labeled, dtype=bool)
-    return probcover_greedy(coverage_graph(normalized(features), radius), labeled, batch)[0]
+    return probcover_greedy(normalized(features), labeled, batch, radius)[0]
 
 
 @register_strategy("probcover")
@@ -153,5 +147,5 @@ class ProbCoverStrategy(Strategy):
             radius = purity_radius(points, pseudo_labels, seed=ctx.seed)
         elif not radius > 0:
             raise FmaskError(f"--radius {radius} must be positive; distances between normalised features lie in [0, 2]")
-        positions, scores = probcover_greedy(coverage_graph(points, float(radius)), labeled, batch, ctx.progress)
+        positions, scores = probcover_greedy(points, labeled, batch, float(radius), ctx.progress)
         return Selection(ids=[ctx.unlabeled_ids[p] for p in positions], scores=scores)
