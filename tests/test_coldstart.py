@@ -187,3 +187,15 @@ def test_average_linkage_matches_scipy_on_the_full_distance_list() -> None:
     ours = average_linkage_clusters(points, 6)
     theirs = fcluster(linkage(pdist(points.numpy()), method="average"), t=6, criterion="maxclust")
     assert np.array_equal(ours[:, None] == ours[None, :], theirs[:, None] == theirs[None, :])  # same partition
+
+
+@pytest.mark.parametrize("mini_batch", [False, True])
+def test_kmeans_finds_well_separated_blobs_in_both_modes(mini_batch: bool, monkeypatch) -> None:
+    from fmask.query import clustering
+
+    if mini_batch:  # the large-pool path, on a small pool
+        monkeypatch.setattr(clustering, "FULL_KMEANS_WORK", 0)
+    features, blob = blobs([30, 40, 25, 35], seed=10)
+    labels = clustering.kmeans_labels(features, 4, seed=0)
+    assert np.array_equal(labels[:, None] == labels[None, :], blob[:, None] == blob[None, :])
+    assert np.array_equal(labels, clustering.kmeans_labels(features, 4, seed=0))
