@@ -393,3 +393,13 @@ def test_cold_start_kcenter_on_a_pool_without_labels(setup, tmp_path):
                     "--out", tmp_path / "round1.pt")
     assert result.exit_code == 0, result.output
     assert len(feature_cache_files(setup["cold"])) == 1  # the query's features served the training too
+
+
+def test_from_scratch_checkpoints_keep_their_step_key(tiny_run):
+    """Fields added for pretrained weights stay out of a from-scratch step at their defaults, so checkpoints trained
+    before them are still current (not retrained)."""
+    step = torch.load(tiny_run / "round0.pt", weights_only=True)["step"]
+    assert sorted(step["config"]) == ["augment", "batch_size", "channels_last", "compile", "grad_clamp", "lr",
+                                      "max_epochs", "model", "precision", "seed", "target_train_accuracy",
+                                      "weight_decay"]
+    assert "weights" not in step

@@ -37,6 +37,9 @@ from fmask.train.recipe import check_recipe, make_optimizer, make_schedule
 # Config fields that choose where batches come from but not what they hold: they stay out of the step hash, so
 # switching them never retrains an up-to-date checkpoint (streaming gives the same weights as resident batches).
 PLACEMENT_ONLY = ("stream",)
+# Config fields added after the first release: they enter the step only when they differ from their default, so a
+# checkpoint trained before they existed stays current. The weights enter by their content (sha256), not their path.
+LATER_FIELDS = ("finetune", "input_size", "mean", "std", "optimizer", "schedule", "backbone_lr_scale")
 
 
 @dataclass
@@ -237,8 +240,9 @@ def train(*, pool_dir: str | os.PathLike, labeled: Optional[str | os.PathLike], 
         raise FmaskError(f"labeled set {labeled_path} is empty; build the pool with --initial > 0")
     build_model(config.model, in_channels=pool.image_shape[0], num_classes=pool.num_classes)  # validate the name
     backbone = pretrained_backbone(config, pool)
-    # The weights enter the step by their content, not by the path they were read from.
-    step_config = {k: v for k, v in asdict(config).items() if k not in PLACEMENT_ONLY and k != "weights"}
+    defaults = asdict(TrainConfig())
+    step_config = {k: v for k, v in asdict(config).items() if k not in PLACEMENT_ONLY and k != "weights"
+                   and not (k in LATER_FIELDS and v == defaults[k])}
     step = {"pool": pool.hash, "labeled": labeled_set.hash, "config": step_config}
     if backbone is not None:
         step["weights"] = backbone.weights.sha256
