@@ -106,6 +106,20 @@ def test_weights_are_loaded_and_the_classifier_replaced(setup, model, key):
     assert backbone.weights.sha256 == hashlib.sha256(setup[key].read_bytes()).hexdigest()
 
 
+def test_a_grayscale_pool_gets_the_rgb_stem_summed(setup):
+    from fmask.train.pretrained import load_backbone_weights, resolve_preprocessing
+
+    state = torch.load(setup["tv"], weights_only=True)
+    net = models.build_model(TV, in_channels=1, num_classes=3)
+    load_backbone_weights(net, state, source="file", model_name=TV)
+    # A gray pixel g stands for (g, g, g): the 1-channel filter is the sum of the RGB ones.
+    assert torch.equal(net.body.conv1[0].weight, state["conv1.0.weight"].sum(dim=1, keepdim=True))
+    assert torch.equal(net.body.conv5[0].weight, state["conv5.0.weight"])
+    chosen = resolve_preprocessing(TV, channels=1)
+    assert chosen["mean"] == [pytest.approx(sum(IMAGENET_MEAN) / 3)]
+    assert chosen["std"] == [pytest.approx(sum(IMAGENET_STD) / 3)]
+
+
 def test_input_size_and_normalisation_come_from_the_library_config(setup, tmp_path):
     timm_ckpt = train_head(setup, tmp_path / "timm.pt", model=TIMM, weights=setup["timm"])
     import timm
