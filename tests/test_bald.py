@@ -20,7 +20,7 @@ from fmask.query.mc_dropout import candidate_log_probs, mc_dropout_log_probs
 from fmask.query.registry import get_strategy
 from fmask.query.strategies.batchbald import JointLabels, batchbald_greedy
 from fmask.train.checkpoint import load_checkpoint
-from fmask.train.models import build_model, head_dropout_rate
+from fmask.train.models import HeadOnly, build_model, head_dropout_rate, set_head_dropout
 from tests.conftest import invoke, refused_line
 
 # ---------------------------------------------------------------- independent references
@@ -155,8 +155,8 @@ def test_batchbald_rejects_an_oversized_batch() -> None:
 # ---------------------------------------------------------------- MC dropout
 
 
-def test_build_model_puts_a_parameter_free_dropout_before_the_head() -> None:
-    plain, dropped = (build_model("cnn", in_channels=1, num_classes=3, dropout=p) for p in (0.0, 0.3))
+def test_set_head_dropout_puts_a_parameter_free_dropout_before_the_head() -> None:
+    plain, dropped = (set_head_dropout(build_model("cnn", in_channels=1, num_classes=3), p) for p in (0.0, 0.3))
     assert head_dropout_rate(plain) == 0.0 and head_dropout_rate(dropped) == 0.3
     assert plain.state_dict().keys() == dropped.state_dict().keys()
     dropped.load_state_dict(plain.state_dict())
@@ -167,7 +167,12 @@ def test_build_model_puts_a_parameter_free_dropout_before_the_head() -> None:
     torch.manual_seed(0)
     assert not torch.equal(dropped(x), dropped(x))  # training: active
     with pytest.raises(FmaskError, match="--mc-dropout"):
-        build_model("cnn", in_channels=1, num_classes=3, dropout=1.0)
+        set_head_dropout(build_model("cnn", in_channels=1, num_classes=3), 1.0)
+    head_only = set_head_dropout(HeadOnly(nn.Linear(4, 3)), 0.3)  # a head on cached features (--finetune head)
+    features = torch.ones(2, 4)
+    torch.manual_seed(1)
+    assert torch.equal(head_only.eval()(features), head_only.head(features))
+    assert not torch.equal(head_only.train()(features), head_only.train()(features))
 
 
 def test_mc_passes_have_the_mean_and_variance_of_bernoulli_dropout() -> None:

@@ -137,6 +137,8 @@ def probcover_select(features: torch.Tensor, labeled: torch.Tensor | np.ndarray,
 class ProbCoverStrategy(Strategy):
     """Cold-start coverage: greedy max coverage of δ-balls (``--radius``, default the purity rule)."""
 
+    cold_start = True  # features only: works on a pretrained backbone before any checkpoint exists
+
     def select(self, ctx: QueryContext, batch: int) -> Selection:
         check_batch(ctx, batch)
         features, labeled = pool_features(ctx)

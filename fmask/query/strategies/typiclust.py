@@ -103,6 +103,8 @@ def pool_features(ctx: QueryContext) -> tuple[torch.Tensor, np.ndarray]:
 class TypiClustStrategy(Strategy):
     """Cold-start diversity: the most typical point of each of the largest clusters without labels."""
 
+    cold_start = True  # features only: works on a pretrained backbone before any checkpoint exists
+
     def select(self, ctx: QueryContext, batch: int) -> Selection:
         check_batch(ctx, batch)
         features, labeled = pool_features(ctx)
