@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from fmask import load_model, load_pool, paths
+from fmask.io import seal_json
 from fmask.label.export import label_studio_config
 from tests.conftest import invoke, refused_line, snapshot
 from tests.test_human_loop import make_query
@@ -321,3 +322,19 @@ def test_label_studio_options_without_the_client_name_the_install_line(run_dir, 
                                    "http://127.0.0.1:9", *(["--out", run_dir / "l1.json"] if command == "label" else [])))
         assert "pip install 'fmask[labelstudio]'" in line, line
     assert snapshot(run_dir) == before
+
+
+def test_tasks_carry_the_sample_path_when_the_query_records_it(run_dir):
+    query, ids = make_query(run_dir, batch=3)
+    data = json.loads(query.read_text())
+    data["selected_paths"] = [f"photos/cat/{i:04d}.jpg" for i in ids]  # as a query on an image-folder pool has
+    query.write_text(json.dumps(seal_json(data)))
+    result = invoke("export", "--query", query, "--out", run_dir / "batch", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    tasks = json.loads((run_dir / "batch" / paths.LABEL_STUDIO_TASKS).read_text())
+    assert [t["data"]["path"] for t in tasks] == [f"photos/cat/{i:04d}.jpg" for i in ids]
+    assert {t["data"]["query_sha256"] for t in tasks} == {hashlib.sha256(query.read_bytes()).hexdigest()}
+    data["selected_paths"] = data["selected_paths"][:2]  # one path short: refused
+    query.write_text(json.dumps(seal_json(data)))
+    line = refused_line(invoke("export", "--query", query, "--out", run_dir / "batch2", "--device", "cpu"))
+    assert "selected_paths" in line, line
