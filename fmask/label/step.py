@@ -44,7 +44,8 @@ def check_one_source(previous: LabeledSet, source: str, allow_mixed_sources: boo
                          "--project) was given, so the simulated oracle would label this round; pass --answers FILE "
                          "or --project NAME, or --allow-mixed-sources to mix oracle and human labels on purpose")
     raise FmaskError(f"labeled set {previous.path} holds simulated-oracle labels from earlier rounds but --answers "
-                     "gives human labels; keep to one source, or pass --allow-mixed-sources to mix them on purpose")
+                     "(or --project) gives human labels; keep to one source, or pass --allow-mixed-sources to mix "
+                     "them on purpose")
 
 
 def run_label(*, query: str | os.PathLike, out: str | os.PathLike, labeled: Optional[str | os.PathLike] = None,
