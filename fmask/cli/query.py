@@ -9,11 +9,13 @@ from fmask.cli import app
 from fmask.cli.ui import done, progress_callback
 from fmask.query.registry import list_strategies
 from fmask.query.step import run_query
+from fmask.train.pretrained import parse_channel_values
 
 
 @app.command("query")
 def query_command(
-    ckpt: Path = typer.Option(..., help="Checkpoint from `fmask train`."),
+    ckpt: Optional[Path] = typer.Option(None, help="Checkpoint from `fmask train` (without one: a cold start, "
+                                                   "--pool --model --weights, strategies random and kcenter)."),
     out: Path = typer.Option(..., help="Selected-index JSON to write."),
     strategy: str = typer.Option("random", help=f"One of: {', '.join(list_strategies())}."),
     batch: int = typer.Option(..., help="How many samples to select."),
@@ -26,6 +28,15 @@ def query_command(
     float64: bool = typer.Option(False, help="Run the Fisher-greedy engine in float64."),
     chunk_size: Optional[int] = typer.Option(None, help="Candidates per chunk in the selection engines (memory bound)."),
     precision: str = typer.Option("fp32", help="Forward-pass precision: fp32 | auto | bf16 | fp16."),
+    model: Optional[str] = typer.Option(None, help="Cold start: the pretrained backbone (torchvision:NAME, "
+                                                   "timm:NAME, resnet18, cnn)."),
+    weights: Optional[str] = typer.Option(None, help="Cold start: its weights file or `default`; with a "
+                                                     "--finetune head checkpoint: its backbone file, if moved."),
+    input_size: Optional[int] = typer.Option(None, help="Cold start: resize inputs to this size (default: the "
+                                                        "weights' config)."),
+    mean: Optional[str] = typer.Option(None, help="Cold start: the backbone's normalisation mean (default: the "
+                                                  "weights' config)."),
+    std: Optional[str] = typer.Option(None, help="Cold start: the backbone's normalisation std."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     force: bool = typer.Option(False, help="Rerun even if the output exists with the same inputs."),
 ) -> None:
@@ -37,7 +48,9 @@ def query_command(
                "precision": precision}
     with progress_callback() if distributed.is_main() else nullcontext(None) as progress:
         result = run_query(ckpt=ckpt, out=out, strategy=strategy, batch=batch, pool_dir=pool, labeled=labeled,
-                           mask=mask, seed=seed, device=device, options=options, force=force, progress=progress)
+                           mask=mask, seed=seed, device=device, options=options, force=force, progress=progress,
+                           model=model, weights=weights, input_size=input_size,
+                           mean=parse_channel_values(mean, "--mean"), std=parse_channel_values(std, "--std"))
     if not distributed.is_main():
         return  # rank 0 speaks for the group
     verb = "unchanged, skipped" if result.skipped else f"written in {result.data['seconds']:.2f} s"

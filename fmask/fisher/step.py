@@ -287,7 +287,9 @@ def prepare_fisher(*, ckpt: str | os.PathLike, pool_dir: Optional[str | os.PathL
     labeled_ids = [int(i) for i in labeled_set.ids]
     if not unlabeled:
         raise FmaskError(f"the unlabeled pool is empty (every sample of {opened.pool_dir} is labeled); nothing to rank")
-    model = checkpoint.model
+    torch_device = resolve_device(device)
+    # A --finetune head checkpoint: its head alone on the cached backbone features (the trainable parameters).
+    model, pool = opened.strategy_view(torch_device)
     names = [name for name, _ in model.named_parameters()]
     num_parameters = sum(p.numel() for p in model.parameters())
     k = mask_size(sparsity, num_parameters)
@@ -296,7 +298,6 @@ def prepare_fisher(*, ckpt: str | os.PathLike, pool_dir: Optional[str | os.PathL
         raise FmaskError("--head needs parameters named 'head.*' and the model has none; use --no-head")
     if embeddings:
         check_embedding_memory(len(unlabeled) + len(labeled_ids), pool.num_classes, k, embed_dtype)
-    torch_device = resolve_device(device)
     # --samples at least the pool size is the whole pool: same step, and the seed then plays no part.
     subsample = samples if samples is not None and samples < len(unlabeled) else None
     inputs = {"checkpoint": checkpoint.hash, "pool": pool.hash, "labeled": labeled_set.hash}

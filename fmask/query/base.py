@@ -66,8 +66,10 @@ class QueryContext:
                     x = self.pool.normalize(images[start : start + self.batch_size].to(self.device))
                 else:
                     x = self.pool.inputs(ids[start : start + self.batch_size]).to(self.device)
+                if x.dim() == 4:  # images (cached backbone features are (n, E))
+                    x = x.contiguous(memory_format=memory_format)
                 with autocast(precision, self.device):
-                    h = self.model.forward_features(x.contiguous(memory_format=memory_format))
+                    h = self.model.forward_features(x)
                     logits.append(self.model.head(h).float().cpu())
                 feats.append(h.float().cpu())
                 self.report("forward pass", min(start + self.batch_size, len(ids)), len(ids))
@@ -92,6 +94,7 @@ class Strategy(ABC):
 
     name: str = ""
     needs_mask: bool = False  # True: ``fmask query`` refuses to run without --mask
+    cold_start: bool = False  # True: uses no prediction, so it runs on a pretrained backbone without a checkpoint
 
     @abstractmethod
     def select(self, ctx: QueryContext, batch: int) -> Selection:
