@@ -24,7 +24,7 @@ def make_context(tiny_run, strategy, seed: int, ckpt=None) -> QueryContext:
         from fmask.fisher import load_mask, run_fisher
 
         mask_path = tiny_run / "template_mask.safetensors"
-        run_fisher(ckpt=tiny_run / "round0.pt", out=mask_path, sparsity=0.01, device="cpu")
+        run_fisher(ckpt=tiny_run / "round0.pt", out=mask_path, sparsity=0.05, device="cpu")
         mask = load_mask(mask_path, checkpoint_hash=checkpoint.hash)
     unlabeled = [i for i in pool.ids if i not in set(labeled.ids)]
     return QueryContext(model=checkpoint.model, pool=pool, labeled_ids=list(labeled.ids), unlabeled_ids=unlabeled,

@@ -46,6 +46,10 @@ def query_command(
     mean: Optional[str] = typer.Option(None, help="Cold start: the backbone's normalisation mean (default: the "
                                                   "weights' config)."),
     std: Optional[str] = typer.Option(None, help="Cold start: the backbone's normalisation std."),
+    embedding_rows: Optional[str] = typer.Option(None, help="fishermask: scaled | unscaled embedding rows "
+                                                            "(default: what the mask records)."),
+    m0: Optional[str] = typer.Option(None, help="fishermask: identity | fisher start of the greedy (lamb I or lamb F; "
+                                                "default: what the mask records)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     force: bool = typer.Option(False, help="Rerun even if the output exists with the same inputs."),
 ) -> None:
@@ -55,7 +59,8 @@ def query_command(
     distributed.init_from_env(device)
     options = {"lamb": lamb, "backward_steps": backward_steps, "float64": float64, "chunk_size": chunk_size,
                "precision": precision, "mc_samples": mc_samples, "joint_samples": joint_samples, "radius": radius,
-               "clusters": clusters, "oversample": oversample, "cluster_cap": cluster_cap}
+               "clusters": clusters, "oversample": oversample, "cluster_cap": cluster_cap,
+               "embedding_rows": embedding_rows, "m0": m0}
     with progress_callback() if distributed.is_main() else nullcontext(None) as progress:
         result = run_query(ckpt=ckpt, out=out, strategy=strategy, batch=batch, pool_dir=pool, labeled=labeled,
                            mask=mask, seed=seed, device=device, options=options, force=force, progress=progress,

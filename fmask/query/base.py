@@ -24,6 +24,7 @@ ProgressFn = Callable[[str, int, int], None]  # (task description, done, total)
 class Selection:
     ids: list[int]  # sample ids, in selection order
     scores: list[float]  # the score each id had when it was picked (strategy-specific meaning)
+    details: dict[str, Any] = field(default_factory=dict)  # choices worth recording in the query file
 
 
 @dataclass

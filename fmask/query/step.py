@@ -119,6 +119,7 @@ def run_query(*, ckpt: Optional[str | os.PathLike], out: str | os.PathLike, stra
             "format": FORMAT_VERSION, "kind": "query", "fmask_version": __version__, "strategy": strategy,
             "batch": batch, "seed": seed, "round": labeled_set.round + 1, "selected": [int(i) for i in selection.ids],
             "scores": [float(s) for s in selection.scores], "seconds": seconds, "options": options,
+            "details": selection.details,
             "inputs": inputs, "checkpoint_path": str(Path(ckpt).resolve()) if ckpt is not None else None,
             "pool_dir": str(pool_dir.resolve()),
             "labeled_path": str(labeled_path.resolve()), STEP_KEY: step,

@@ -1,5 +1,6 @@
-"""``fmask train``: train a model from scratch on the labeled set (the paper's protocol by default: Adam 1e-3,
-crop + flip, until 99% training accuracy or an epoch cap, gradients clamped to ±0.1), evaluate it on the test
+"""``fmask train``: train a model from scratch on the labeled set (by default as the authors' code does: Adam 1e-3,
+crop + flip, until 99% training accuracy or an epoch cap, gradients clamped to ±0.1; the stopping rule and the clamp
+come from their code, not from the paper's text, see docs/results.md "Faithfulness"), evaluate it on the test
 split and write a checkpoint that loads with ``torch.load(weights_only=True)``.
 
 Rounds are fast because nothing runs per image on the host: the labeled uint8 images are read once into device
@@ -48,7 +49,7 @@ class TrainConfig:
     lr: float = 1e-3
     batch_size: int = 64
     max_epochs: int = 100
-    target_train_accuracy: Optional[float] = 0.99  # stop once an epoch reaches it (the paper's protocol); None: off
+    target_train_accuracy: Optional[float] = 0.99  # stop once an epoch reaches it (the authors' code, not the paper's text); None: off
     grad_clamp: Optional[float] = 0.1  # clamp each gradient entry to ±value (the authors' code); None: off
     weight_decay: float = 0.0
     augment: bool = True
