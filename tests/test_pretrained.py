@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fmask import load_pool
-from fmask.query.registry import list_strategies
+from fmask.query.registry import get_strategy, list_strategies
 from fmask.train import models
 from fmask.train.pretrained import Backbone
 from fmask.train.recipe import FULL_FINETUNE, make_optimizer, make_schedule, make_train_config
@@ -278,7 +278,7 @@ def test_every_strategy_runs_on_the_cached_features(setup, tmp_path):
     assert result.exit_code == 0, result.output
     labeled = set(torch.load(ckpt, weights_only=True)["labeled_ids"])
     for strategy in list_strategies():
-        extra = ["--mask", tmp_path / "mask.safetensors"] if strategy == "fishermask" else []
+        extra = ["--mask", tmp_path / "mask.safetensors"] if get_strategy(strategy).needs_mask else []
         result = invoke("query", "--ckpt", ckpt, "--strategy", strategy, "--batch", 6, "--device", "cpu",
                         "--out", tmp_path / f"{strategy}.json", *extra)
         assert result.exit_code == 0, (strategy, result.output)
