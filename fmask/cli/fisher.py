@@ -30,6 +30,10 @@ def fisher_command(
     embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings",
                                     help="Also compute the masked gradient embeddings `fmask query` uses."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, help="Samples per forward/backward chunk (memory bound)."),
+    embedding_rows: str = typer.Option("scaled", help="Embedding rows: scaled (sqrt(p_y) grad log p_y, the paper's "
+                                                      "text) | unscaled (grad log p_y, the authors' code)."),
+    m0: str = typer.Option("identity", help="Recorded for `fmask query`: the greedy starts from lamb I (identity, "
+                                            "the authors' code) or lamb F (fisher, the paper's eq. 2)."),
     profile: bool = typer.Option(False, "--profile", help="Print the share of masked parameters per layer."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     force: bool = typer.Option(False, help="Recompute even if the mask exists with the same inputs."),
@@ -39,13 +43,13 @@ def fisher_command(
     with progress_callback() if distributed.is_main() else nullcontext(None) as progress:
         result = run_fisher_distributed(ckpt=ckpt, out=out, pool_dir=pool, labeled=labeled, sparsity=sparsity,
                                         samples=samples, head=head, seed=seed, device=device, embed_dtype=embed_dtype,
-                                        embeddings=embeddings,
-                                        batch_size=batch_size, force=force, progress=progress)
+                                        embeddings=embeddings, batch_size=batch_size, embedding_rows=embedding_rows,
+                                        m0=m0, force=force, progress=progress)
     if not distributed.is_main():
         return
     if result.head_fills_mask:
-        typer.echo(f"note: k={result.k} is no more than the classifier layer's size, so the mask holds only head "
-                   f"entries (its top {result.k}); raise --sparsity or use --no-head", err=True)
+        typer.echo(f"note: the backbone is frozen and k={result.k} is no more than the classifier layer's size, so "
+                   f"the mask is the head's top {result.k} entries", err=True)
     if profile:
         table = Table(title=f"Masked parameters per layer ({result.out.name})")
         for column in ("layer", "parameters", "masked", "share"):

@@ -184,8 +184,8 @@ def build_image_pool(*, images: Path, out: Path, labels: Optional[str | os.PathL
                                   else None, "test": str(Path(test).resolve()) if test is not None else None},
                        "setting": "images", "initial": int(len(labeled_ids)),
                        "class_counts": np.bincount(known[labeled_ids], minlength=len(class_list)).tolist(),
-                       "preprocessing": {"image_size": list(options.size), "resize": options.resize,
-                                         "channels": channels}},
+                       "decoding": {"image_size": list(options.size), "resize": options.resize,
+                                    "channels": channels}},
                 step=step)
     listed = len(files) + len(skipped) + len(test_files) + len(test_skipped)
     notes = _summary(out, listed, pool, test_split, [*skipped, *test_skipped], dropped_labels)

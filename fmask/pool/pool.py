@@ -333,6 +333,12 @@ class Pool:
         """uint8 images (n, C, H, W) of ``ids``, read from the memory-mapped cache."""
         return self._images[self.rows(ids)]
 
+    @property
+    def all_images(self) -> torch.Tensor:
+        """Every pool image (N, C, H, W) in ``ids`` order: the memory-mapped cache itself, not a copy (slice it to
+        read a batch)."""
+        return self._images
+
     def labels(self, ids: Sequence[int]) -> torch.Tensor:
         """Class indices of ``ids``: the ground truth (the simulated oracle); -1 where a pool without ground truth
         does not know it."""

@@ -33,7 +33,8 @@ class PredictResult:
 
 @torch.no_grad()
 def predict_probabilities(model: nn.Module, source: Any, ids: Sequence[int], *, device: torch.device,
-                          batch_size: int = 256, progress: Optional[ProgressFn] = None) -> torch.Tensor:
+                          batch_size: int = 256, progress: Optional[ProgressFn] = None,
+                          task: str = "predicting") -> torch.Tensor:
     """Softmax probabilities (n, classes) of ``model`` on ``source.inputs(ids)`` (a Pool, or any object with that
     method), float32 on CPU, a batch at a time."""
     model = model.to(device).eval()
@@ -41,7 +42,7 @@ def predict_probabilities(model: nn.Module, source: Any, ids: Sequence[int], *, 
     for start in range(0, len(ids), batch_size):
         chunks.append(torch.softmax(model(source.inputs(ids[start:start + batch_size]).to(device)).float(), 1).cpu())
         if progress is not None:
-            progress("predicting", min(start + batch_size, len(ids)), len(ids))
+            progress(task, min(start + batch_size, len(ids)), len(ids))
     return torch.cat(chunks)
 
 
@@ -68,7 +69,7 @@ def run_predict(*, ckpt: str | os.PathLike, out: str | os.PathLike, pool_dir: Op
                 batch_size: int = 256, progress: Optional[ProgressFn] = None) -> PredictResult:
     """Write ``out``: one row per image with its path, the predicted class and its probability. ``pool_dir``
     (default: the checkpoint's pool) predicts every pool sample (sample_id column too); ``images`` decodes a folder
-    or CSV of files with the checkpoint's preprocessing (files it cannot read are listed beside ``out``)."""
+    or CSV of files decoded the way the checkpoint's pool was (files it cannot read are listed beside ``out``)."""
     from fmask.pool.files import csv_text
     from fmask.train.checkpoint import load_checkpoint
 
@@ -113,11 +114,11 @@ def _predict_files(checkpoint, images: Path, out: Path, classes: Optional[list[s
     files, skipped = list_image_folder(images) if images.is_dir() else (read_images_csv(images), [])
     if not files:
         raise FmaskError(f"no image files in {images}; point --images at the folder that holds your images")
-    preprocessing = checkpoint.state.get("preprocessing") or {}
+    decoding = checkpoint.state.get("pool_decoding") or {}
     channels, height, width = checkpoint.state["image_shape"]
     # The model takes images of its pool's size: files of another size are brought to it like --resize does
     # (crop when the pool was built without resizing).
-    options = DecodeOptions((height, width), preprocessing.get("resize") or "crop", channels)
+    options = DecodeOptions((height, width), decoding.get("resize") or "crop", channels)
     workers = workers or default_workers()
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent) as scratch:
         cache = Path(scratch) / "images.npy"

@@ -19,7 +19,7 @@ from fmask.errors import FmaskError
 from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_write_bytes, atomic_write_json, check_writable, output_lock,
                       read_json, seal_json, sha256_file, step_is_current)
 from fmask.query.base import ProgressFn, QueryContext
-from fmask.query.registry import get_strategy
+from fmask.query.registry import get_strategy, list_strategies
 from fmask.train.checkpoint import open_round
 
 QUERY = "fmask query"
@@ -49,19 +49,26 @@ def query_csv_text(data: dict) -> str:
     return csv_text(("rank", "sample_id", "path", "score"), rows)
 
 
-def _open_inputs(ckpt: Optional[str | os.PathLike], pool_dir: Optional[str | os.PathLike],
-                 labeled: Optional[str | os.PathLike], strategy: str, needs_model: bool):
-    """(checkpoint or None, pool, pool_dir, labeled path, labeled set, ascending candidate ids)."""
-    if ckpt is not None:
-        opened = open_round(ckpt, pool_dir=pool_dir, labeled=labeled)
-        return (opened.checkpoint, opened.pool, opened.pool_dir, opened.labeled_path, opened.labeled_set,
-                opened.unlabeled_ids)
-    if needs_model:
-        raise FmaskError(f"strategy {strategy!r} needs a model: pass --ckpt from `fmask train` (only strategies that "
-                         "use no model, such as random, run without one)")
+@dataclass
+class ModelFree:
+    """A query that uses no model at all (random without --ckpt or a backbone): the pool, its labeled set
+    (possibly empty) and the candidates; the first batch of a pool with no labels."""
+
+    pool: Any
+    pool_dir: Path
+    labeled_set: Any
+    labeled_path: Path
+    unlabeled_ids: list[int]
+    checkpoint: None = None
+    backbone: None = None
+
+    def strategy_view(self, device: Any, progress: Optional[ProgressFn] = None) -> tuple[None, Any]:
+        return None, self.pool
+
+
+def open_model_free(*, pool_dir: Optional[str | os.PathLike], labeled: Optional[str | os.PathLike]) -> ModelFree:
     if pool_dir is None:
         raise FmaskError("without --ckpt, give --pool (the pool to pick from)")
-    from fmask import paths
     from fmask.label.labeled import load_labeled
     from fmask.pool.pool import load_pool
 
@@ -69,16 +76,22 @@ def _open_inputs(ckpt: Optional[str | os.PathLike], pool_dir: Optional[str | os.
     labeled_path = Path(labeled) if labeled is not None else paths.pool_labeled(pool_dir)
     labeled_set = load_labeled(labeled_path, pool)
     taken = set(labeled_set.ids)
-    return None, pool, Path(pool_dir), labeled_path, labeled_set, [int(i) for i in pool.ids if i not in taken]
+    return ModelFree(pool, Path(pool_dir), labeled_set, labeled_path, [int(i) for i in pool.ids if i not in taken])
 
 
 def run_query(*, ckpt: Optional[str | os.PathLike], out: str | os.PathLike, strategy: str, batch: int,
               pool_dir: Optional[str | os.PathLike] = None, labeled: Optional[str | os.PathLike] = None,
               mask: Optional[str | os.PathLike] = None, seed: int = 0, device: str = "auto",
               options: Optional[dict[str, Any]] = None, batch_size: int = 256, force: bool = False,
-              progress: Optional[ProgressFn] = None) -> QueryResult:
-    """Select ``batch`` unlabeled samples with ``strategy`` and write the query JSON ``out`` and its CSV beside
-    it. ``ckpt`` may be None for strategies that use no model (then ``pool_dir`` is needed)."""
+              progress: Optional[ProgressFn] = None, model: Optional[str] = None,
+              weights: Optional[str | os.PathLike] = None, input_size: Optional[int] = None,
+              mean: Optional[list[float]] = None, std: Optional[list[float]] = None) -> QueryResult:
+    """Select ``batch`` ids with ``strategy`` and write the query JSON ``out`` and the same list as CSV beside it.
+
+    Without ``ckpt``: strategies that use no model (random) need only ``pool_dir``; a cold start gives
+    ``pool_dir``, ``model`` and pretrained ``weights`` (with optional ``input_size``/``mean``/``std``): the backbone
+    whose cached features the feature-only strategies use. With a ``--finetune head`` checkpoint, ``weights``
+    replaces the backbone file it records."""
     # Unset options (None) mean "the strategy's default" and are not recorded.
     out, options = Path(out), {k: v for k, v in (options or {}).items() if v is not None}
     chosen = get_strategy(strategy)
@@ -86,22 +99,42 @@ def run_query(*, ckpt: Optional[str | os.PathLike], out: str | os.PathLike, stra
         raise FmaskError(f"--batch {batch} must be positive")
     if paths.query_csv(out) == out:
         raise FmaskError(f"--out {out} must not end in .csv: the CSV list is written beside the JSON; give a .json path")
-    checkpoint, pool, pool_dir, labeled_path, labeled_set, candidates = _open_inputs(
-        ckpt, pool_dir, labeled, strategy, chosen.needs_model)
+    if ckpt is None:
+        if not chosen.cold_start:
+            raise FmaskError(f"strategy {strategy!r} needs a trained model's predictions; pass --ckpt (without one "
+                             f"only {', '.join(s for s in list_strategies() if get_strategy(s).cold_start)} run)")
+        if not chosen.needs_model and model is None and weights is None:
+            opened = open_model_free(pool_dir=pool_dir, labeled=labeled)
+        else:
+            from fmask.train.features import open_cold_start
+
+            opened = open_cold_start(pool_dir=pool_dir, labeled=labeled, model=model, weights=weights,
+                                     input_size=input_size, mean=mean, std=std)
+    else:
+        if model is not None or input_size is not None or mean is not None or std is not None:
+            raise FmaskError("--model, --input-size, --mean and --std describe a cold start's backbone; a --ckpt "
+                             "records its own, drop them")
+        opened = open_round(ckpt, pool_dir=pool_dir, labeled=labeled, weights=weights)
+    checkpoint, pool, pool_dir = opened.checkpoint, opened.pool, opened.pool_dir
+    labeled_path, labeled_set, candidates = opened.labeled_path, opened.labeled_set, opened.unlabeled_ids
     if batch > len(candidates):
         raise FmaskError(f"--batch {batch} is larger than the unlabeled pool ({len(candidates)} samples); lower --batch")
     mask_file, mask_hash = None, None
+    if mask is not None and checkpoint is None:
+        raise FmaskError("--mask comes from `fmask fisher` on a checkpoint; a cold start without --ckpt takes none")
     if mask is not None:
-        if checkpoint is None:
-            raise FmaskError("--mask belongs to a checkpoint; pass --ckpt with it")
         from fmask.fisher import load_mask
 
         mask_file = load_mask(mask, checkpoint_hash=checkpoint.hash)
         mask_hash = sha256_file(mask)
     if chosen.needs_mask and mask_file is None:
         raise FmaskError(f"strategy {strategy!r} needs --mask (run `fmask fisher --ckpt {ckpt} --out MASK` first)")
-    inputs = {"checkpoint": checkpoint.hash if checkpoint else None, "pool": pool.hash, "labeled": labeled_set.hash,
-              "mask": mask_hash}
+    inputs = {"checkpoint": checkpoint.hash if checkpoint is not None else None, "pool": pool.hash,
+              "labeled": labeled_set.hash, "mask": mask_hash}
+    if checkpoint is None and opened.backbone is not None:  # a cold start: the backbone's weights and
+        # preprocessing made the features
+        inputs.update(weights=opened.backbone.weights.sha256, model=opened.backbone.model,
+                      preprocessing=opened.backbone.preprocessing)
     step = {"inputs": inputs, "strategy": strategy, "batch": batch, "seed": seed, "options": options}
     # Under torchrun every rank runs the strategy (the Fisher-greedy ones shard their work); rank 0 alone locks,
     # decides whether the output is current and writes it. Single-process, main_decides just calls the function.
@@ -122,7 +155,11 @@ def run_query(*, ckpt: Optional[str | os.PathLike], out: str | os.PathLike, stra
             return QueryResult(out, True, current)
 
         torch_device = resolve_device(device)
-        context = QueryContext(model=checkpoint.model.to(torch_device) if checkpoint else None, pool=pool,
+        # A head checkpoint or a cold start: the head alone on the pool's cached backbone features (no model at
+        # all for a model-free query).
+        strategy_model, strategy_pool = opened.strategy_view(torch_device, progress)
+        context = QueryContext(model=strategy_model.to(torch_device) if strategy_model is not None else None,
+                               pool=strategy_pool,
                                labeled_ids=list(labeled_set.ids), unlabeled_ids=candidates, device=torch_device,
                                seed=seed, mask=mask_file, options=options, batch_size=batch_size, progress=progress)
         started = time.perf_counter()
@@ -139,6 +176,7 @@ def run_query(*, ckpt: Optional[str | os.PathLike], out: str | os.PathLike, stra
             "batch": batch, "seed": seed, "round": labeled_set.round + 1, "selected": selected,
             "selected_paths": pool.paths(selected) if pool.has_paths else None,
             "scores": [float(s) for s in selection.scores], "seconds": seconds, "options": options,
+            "details": selection.details,
             "inputs": inputs, "checkpoint_path": str(Path(ckpt).resolve()) if ckpt is not None else None,
             "pool_dir": str(pool_dir.resolve()), "labeled_path": str(labeled_path.resolve()), STEP_KEY: step,
         })
