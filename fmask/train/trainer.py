@@ -27,6 +27,7 @@ from fmask.io import check_writable, output_lock, step_is_current
 from fmask.label.labeled import load_labeled
 from fmask.pool.pool import Pool, load_pool
 from fmask.query.base import ProgressFn
+from fmask.threads import fit_threads_to_work
 from fmask.train.augment import (RESIDENT_SHARE, Normalizer, TrainBatches, autocast, device_images, draw_crop_flip,
                                  padded_nbytes, resolve_precision)
 from fmask.train.checkpoint import load_checkpoint, save_checkpoint
@@ -259,6 +260,7 @@ def _train_locked(out: Path, step: dict, pool: Pool, labeled_set, config: TrainC
     stream, note = plan_loader(pool, len(labeled_set.ids), torch_device, pad=pad, force_stream=config.stream)
     torch.manual_seed(config.seed)
     model = build_model(config.model, in_channels=pool.image_shape[0], num_classes=pool.num_classes).to(torch_device)
+    fit_threads_to_work(model, pool.image_shape, what=config.model)  # the CLI's thread policy (no-op otherwise)
     images = pool.images(labeled_set.ids)  # host uint8; TrainLoop moves it to the device once unless streaming
     labels = torch.tensor(labeled_set.labels, dtype=torch.long)
     started = time.perf_counter()
