@@ -7,7 +7,7 @@ from rich.table import Table
 
 from fmask import distributed
 from fmask.cli import app
-from fmask.cli.ui import console, done, progress_callback
+from fmask.cli.ui import done, progress_callback, show
 from fmask.fisher.grads import DEFAULT_BATCH_SIZE
 from fmask.fisher.profile import mask_profile_from_file
 from fmask.distributed_fisher import run_fisher_distributed
@@ -52,7 +52,7 @@ def fisher_command(
             table.add_column(column, justify="left" if column == "layer" else "right")
         for row in mask_profile_from_file(result.out):
             table.add_row(row.layer, f"{row.parameters:,}", f"{row.masked:,}", f"{100 * row.share:.3f}%")
-        console.print(table)
+        show(table)
     verb = "unchanged, skipped" if result.skipped else f"written in {result.seconds:.1f} s"
     where = f"; embeddings cached in {result.embeddings}" if result.embeddings else ""
     done(f"mask {result.out} {verb}: k={result.k:,} of {result.num_parameters:,} parameters "

@@ -142,6 +142,7 @@ class TrainLoop:
         self.normalize = Normalizer(normalization["mean"], normalization["std"], device, config.channels_last)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.epochs_done = 0
+        self.last_loss = float("nan")
 
     def run_epoch(self) -> float:
         """Train one epoch over every labeled image in a fresh random order; returns its training accuracy."""
@@ -153,6 +154,8 @@ class TrainLoop:
         dy, dx, flips, order_on_device = (t.to(device) for t in (dy, dx, flips, order))
         batch_order = order if self.batches.stream else order_on_device
         correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no sync per step
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # this rank's per-sample losses, summed
+        trained = 0
         for batch_start in range(0, n, config.batch_size):
             batch_stop = min(batch_start + config.batch_size, n)
             # BatchNorm needs two samples (on every rank); the lone ones are seen next epoch.
@@ -178,10 +181,16 @@ class TrainLoop:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             correct += (logits.argmax(1) == labels).sum()
+            # The loss is a mean over the batch; under DDP this rank's part sum times W / batch size.
+            loss_sum += loss.detach().double() * ((batch_stop - batch_start) / self.world if self.world > 1
+                                                  else stop - start)
+            trained += batch_stop - batch_start
         self.epochs_done += 1
         self.model.eval()
         # Every rank must see the same accuracy, or they would stop at different epochs.
-        return int(distributed.all_reduce_sum(correct)) / max(n, 1)
+        totals = distributed.all_reduce_sum(torch.stack([correct.double(), loss_sum]))
+        self.last_loss = float(totals[1]) / max(trained, 1)  # mean training loss of the epoch (for progress)
+        return int(totals[0]) / max(n, 1)
 
 
 def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, pool: Pool, config: TrainConfig,
@@ -196,7 +205,8 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, pool
     for epoch in range(1, config.max_epochs + 1):
         train_accuracy = loop.run_epoch()
         if progress:
-            progress(f"training (train acc {train_accuracy:.3f})", epoch, config.max_epochs)
+            progress(f"training (epoch {epoch}, loss {loop.last_loss:.4f}, train acc {train_accuracy:.3f})", epoch,
+                     config.max_epochs)
         if train_accuracy >= config.target_train_accuracy:
             break
     return {"epochs": loop.epochs_done, "train_accuracy": train_accuracy}
