@@ -26,6 +26,7 @@ from fmask.fisher.grads import DEFAULT_BATCH_SIZE, fisher_diagonal, masked_embed
 from fmask.fisher.mask import MaskColumns
 from fmask.fisher.step import (EMBED_DTYPES, EMBEDDINGS_KIND, FISHER, FisherResult, load_mask, mask_artifact,
                                prepare_fisher, run_fisher, stratified_subsample)
+from fmask.numerics import exact_float32
 from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_save_safetensors, check_writable, output_lock,
                       read_safetensors_rows, safetensors_shapes, sha256_json, step_is_current)
 from fmask.query.base import ProgressFn
@@ -113,6 +114,7 @@ def _cached_embeddings_current(cache: Path, step: dict, dtype: Optional[str], nu
             and unlabeled[0] == num_unlabeled and labeled[0] == num_labeled and unlabeled[2] == k)
 
 
+@exact_float32()
 def run_fisher_distributed(
     *,
     ckpt: str | os.PathLike,

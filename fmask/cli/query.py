@@ -6,6 +6,7 @@ import typer
 
 from fmask import distributed
 from fmask.cli import app
+from fmask.numerics import deterministic_algorithms
 from fmask.cli.ui import done, progress_callback
 from fmask.query.registry import list_strategies
 from fmask.query.step import run_query
@@ -27,6 +28,8 @@ def query_command(
     chunk_size: Optional[int] = typer.Option(None, help="Candidates per chunk in the selection engines (memory bound)."),
     precision: str = typer.Option("fp32", help="Forward-pass precision: fp32 | auto | bf16 | fp16."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms only (cuDNN "
+                                       "included), so a GPU rerun gives identical results; slower."),
     force: bool = typer.Option(False, help="Rerun even if the output exists with the same inputs."),
 ) -> None:
     """Select the next batch from the unlabeled pool with a registered strategy.
@@ -35,7 +38,8 @@ def query_command(
     distributed.init_from_env(device)
     options = {"lamb": lamb, "backward_steps": backward_steps, "float64": float64, "chunk_size": chunk_size,
                "precision": precision}
-    with progress_callback() if distributed.is_main() else nullcontext(None) as progress:
+    with deterministic_algorithms(deterministic), \
+            progress_callback() if distributed.is_main() else nullcontext(None) as progress:
         result = run_query(ckpt=ckpt, out=out, strategy=strategy, batch=batch, pool_dir=pool, labeled=labeled,
                            mask=mask, seed=seed, device=device, options=options, force=force, progress=progress)
     if not distributed.is_main():

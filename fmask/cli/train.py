@@ -6,6 +6,7 @@ import typer
 
 from fmask import distributed
 from fmask.cli import app
+from fmask.numerics import deterministic_algorithms
 from fmask.cli.ui import done, progress_callback
 from fmask.train.trainer import TrainConfig, train
 
@@ -30,6 +31,8 @@ def train_command(
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model for the training steps."),
     stream: bool = typer.Option(False, "--stream", help="Stream batches from host memory instead of keeping the "
                                                         "images on the device (automatic when they do not fit)."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms only (cuDNN "
+                                       "included), so a GPU rerun gives identical results; slower."),
     force: bool = typer.Option(False, help="Retrain even if the checkpoint exists with the same inputs."),
 ) -> None:
     """Train from scratch on the labeled set, evaluate on the test split, write a checkpoint.
@@ -40,7 +43,8 @@ def train_command(
                          target_train_accuracy=target_accuracy, grad_clamp=grad_clamp or None, augment=augment,
                          seed=seed, precision=precision, channels_last=channels_last, compile=compile_model,
                          stream=stream)
-    with progress_callback() if distributed.is_main() else nullcontext(None) as progress:
+    with deterministic_algorithms(deterministic), \
+            progress_callback() if distributed.is_main() else nullcontext(None) as progress:
         result = train(pool_dir=pool, labeled=labeled, out=out, config=config, device=device, force=force,
                        progress=progress)
     if not distributed.is_main():

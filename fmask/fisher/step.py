@@ -26,6 +26,7 @@ from fmask.device import resolve_device
 from fmask.errors import FmaskError
 from fmask.fisher.grads import DEFAULT_BATCH_SIZE, ProgressFn, fisher_diagonal, masked_embeddings
 from fmask.fisher.mask import MaskColumns, is_head_parameter, mask_size, top_k_mask
+from fmask.numerics import deterministic_enabled, exact_float32
 from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_save_safetensors, check_writable, output_lock,
                       read_safetensors, sha256_file, sha256_json, step_is_current)
 
@@ -302,6 +303,8 @@ def prepare_fisher(*, ckpt: str | os.PathLike, pool_dir: Optional[str | os.PathL
     inputs = {"checkpoint": checkpoint.hash, "pool": pool.hash, "labeled": labeled_set.hash}
     step = {"inputs": inputs, "sparsity": float(sparsity), "head": bool(head), "samples": subsample,
             "seed": seed if subsample is not None else None}
+    if deterministic_enabled():
+        step["deterministic"] = True  # another computation on GPUs (absent otherwise: older keys stay valid)
     return FisherSetup(checkpoint, pool, opened.pool_dir, labeled_set, labeled_ids, unlabeled, model, names,
                        num_parameters, k, head_size, torch_device, subsample, step)
 
@@ -325,6 +328,7 @@ def mask_artifact(setup: FisherSetup, fisher: dict[str, torch.Tensor], *, sparsi
     return tensors, metadata
 
 
+@exact_float32()  # masks rank parameters by small differences: no TF32 (see fmask.numerics)
 def run_fisher(
     *,
     ckpt: str | os.PathLike,

@@ -16,6 +16,7 @@ from fmask.device import resolve_device
 from fmask.errors import FmaskError
 from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_write_json, check_writable, output_lock, read_json, seal_json,
                       sha256_file, step_is_current)
+from fmask.numerics import deterministic_enabled, exact_float32
 from fmask.query.base import ProgressFn, QueryContext
 from fmask.query.registry import get_strategy
 from fmask.train.checkpoint import open_round
@@ -37,6 +38,7 @@ def check_selection(selected: list[int], candidates: list[int], batch: int, stra
         raise RuntimeError(f"strategy {strategy!r} broke the selection contract: {len(selected)} ids for batch {batch}")
 
 
+@exact_float32()  # scores rank candidates by small differences: no TF32 (see fmask.numerics)
 def run_query(*, ckpt: str | os.PathLike, out: str | os.PathLike, strategy: str, batch: int,
               pool_dir: Optional[str | os.PathLike] = None, labeled: Optional[str | os.PathLike] = None,
               mask: Optional[str | os.PathLike] = None, seed: int = 0, device: str = "auto",
@@ -62,6 +64,8 @@ def run_query(*, ckpt: str | os.PathLike, out: str | os.PathLike, strategy: str,
         raise FmaskError(f"strategy {strategy!r} needs --mask (run `fmask fisher --ckpt {ckpt} --out MASK` first)")
     inputs = {"checkpoint": checkpoint.hash, "pool": pool.hash, "labeled": labeled_set.hash, "mask": mask_hash}
     step = {"inputs": inputs, "strategy": strategy, "batch": batch, "seed": seed, "options": options}
+    if deterministic_enabled():
+        step["deterministic"] = True
     # Under torchrun every rank runs the strategy (the Fisher-greedy ones shard their work); rank 0 alone locks,
     # decides whether the output is current and writes it. Single-process, main_decides just calls the function.
     with ExitStack() as held:

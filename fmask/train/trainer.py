@@ -26,6 +26,7 @@ from fmask.errors import FmaskError
 from fmask.io import check_writable, output_lock, step_is_current
 from fmask.label.labeled import load_labeled
 from fmask.pool.pool import Pool, load_pool
+from fmask.numerics import deterministic_enabled
 from fmask.query.base import ProgressFn
 from fmask.threads import fit_threads_to_work
 from fmask.train.augment import (RESIDENT_SHARE, Normalizer, TrainBatches, autocast, device_images, draw_crop_flip,
@@ -244,6 +245,8 @@ def train(*, pool_dir: str | os.PathLike, labeled: Optional[str | os.PathLike], 
     step = {"pool": pool.hash, "labeled": labeled_set.hash, "config": step_config}
     if distributed.world_size() > 1:  # DDP training gives other weights than one process: not the same step
         step["processes"] = distributed.world_size()
+    if deterministic_enabled():  # other algorithms on GPUs: not the same step (absent otherwise)
+        step["deterministic"] = True
     # Under torchrun every rank trains (DDP); rank 0 alone locks, decides whether the checkpoint is current and
     # writes. Single-process, main_decides just calls the function.
     with ExitStack() as held:
