@@ -7,6 +7,7 @@ from rich.table import Table
 
 from fmask import distributed
 from fmask.cli import app
+from fmask.device import memory_budget, parse_memory_size
 from fmask.numerics import deterministic_algorithms
 from fmask.cli.ui import done, progress_callback, show
 from fmask.fisher.grads import DEFAULT_BATCH_SIZE
@@ -33,13 +34,17 @@ def fisher_command(
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, help="Samples per forward/backward chunk (memory bound)."),
     profile: bool = typer.Option(False, "--profile", help="Print the share of masked parameters per layer."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Memory to plan with, in bytes or e.g. "
+                                               "20GB / 16GiB (default: 60% of available RAM, 80% of free GPU "
+                                               "memory)."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms only (cuDNN "
                                        "included), so a GPU rerun gives identical results; slower."),
     force: bool = typer.Option(False, help="Recompute even if the mask exists with the same inputs."),
 ) -> None:
     """Rank every parameter by its exact diagonal Fisher on the unlabeled pool and keep the top k (FisherMask)."""
+    budget = parse_memory_size(memory_limit) if memory_limit else None
     distributed.init_from_env(device)  # under torchrun: shard the pool; rank 0 alone writes and prints
-    with deterministic_algorithms(deterministic), \
+    with deterministic_algorithms(deterministic), memory_budget(budget), \
             progress_callback() if distributed.is_main() else nullcontext(None) as progress:
         result = run_fisher_distributed(ckpt=ckpt, out=out, pool_dir=pool, labeled=labeled, sparsity=sparsity,
                                         samples=samples, head=head, seed=seed, device=device, embed_dtype=embed_dtype,

@@ -6,6 +6,7 @@ import typer
 
 from fmask import distributed
 from fmask.cli import app
+from fmask.device import parse_memory_size
 from fmask.numerics import deterministic_algorithms
 from fmask.cli.ui import done, progress_callback
 from fmask.query.registry import list_strategies
@@ -28,6 +29,9 @@ def query_command(
     chunk_size: Optional[int] = typer.Option(None, help="Candidates per chunk in the selection engines (memory bound)."),
     precision: str = typer.Option("fp32", help="Forward-pass precision: fp32 | auto | bf16 | fp16."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Memory to plan with, in bytes or e.g. "
+                                               "20GB / 16GiB (default: 60% of available RAM, 80% of free GPU "
+                                               "memory)."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms only (cuDNN "
                                        "included), so a GPU rerun gives identical results; slower."),
     force: bool = typer.Option(False, help="Rerun even if the output exists with the same inputs."),
@@ -37,7 +41,7 @@ def query_command(
     Under `torchrun --nproc-per-node K -m fmask query ...` fishermask and bait shard the pool over the processes."""
     distributed.init_from_env(device)
     options = {"lamb": lamb, "backward_steps": backward_steps, "float64": float64, "chunk_size": chunk_size,
-               "precision": precision}
+               "precision": precision, "memory_limit": parse_memory_size(memory_limit) if memory_limit else None}
     with deterministic_algorithms(deterministic), \
             progress_callback() if distributed.is_main() else nullcontext(None) as progress:
         result = run_query(ckpt=ckpt, out=out, strategy=strategy, batch=batch, pool_dir=pool, labeled=labeled,

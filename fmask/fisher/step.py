@@ -22,7 +22,7 @@ import torch
 
 import fmask
 from fmask import paths
-from fmask.device import resolve_device
+from fmask.device import format_bytes, resolve_device
 from fmask.errors import FmaskError
 from fmask.fisher.grads import DEFAULT_BATCH_SIZE, ProgressFn, fisher_diagonal, masked_embeddings
 from fmask.fisher.mask import MaskColumns, is_head_parameter, mask_size, top_k_mask
@@ -185,8 +185,8 @@ def check_embedding_memory(samples: int, num_classes: int, k: int, dtype: str) -
     if need > limit:
         raise FmaskError(
             f"the gradient embeddings of {samples} samples x {num_classes} classes x k={k} need "
-            f"{need / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB usable; lower --sparsity, "
-            f"use --embed-dtype bfloat16, or subsample the pool"
+            f"{format_bytes(need)} of RAM, more than the {format_bytes(limit)} usable; lower --sparsity, "
+            f"use --embed-dtype bfloat16, subsample the pool, or raise --memory-limit"
         )
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fmask import __version__, distributed
-from fmask.device import resolve_device
+from fmask.device import memory_budget, resolve_device
 from fmask.errors import FmaskError
 from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_write_json, check_writable, output_lock, read_json, seal_json,
                       sha256_file, step_is_current)
 from fmask.numerics import deterministic_enabled, exact_float32
-from fmask.query.base import ProgressFn, QueryContext
+from fmask.query.base import ProgressFn, QueryContext, read_option
 from fmask.query.registry import get_strategy
 from fmask.train.checkpoint import open_round
 
@@ -85,7 +85,8 @@ def run_query(*, ckpt: str | os.PathLike, out: str | os.PathLike, strategy: str,
                                unlabeled_ids=candidates, device=torch_device, seed=seed, mask=mask_file,
                                options=options, batch_size=batch_size, progress=progress)
         started = time.perf_counter()
-        selection = chosen.select(context, batch)
+        with memory_budget(read_option(options, "memory_limit", int, None)):  # --memory-limit: every plan uses it
+            selection = chosen.select(context, batch)
         seconds = time.perf_counter() - started
         check_selection(selection.ids, candidates, batch, strategy)
         if any(math.isnan(float(score)) for score in selection.scores):
