@@ -128,7 +128,7 @@ def run_fisher_distributed(
     device: str = "auto",
     embed_dtype: str = "float32",
     embeddings: bool = True,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: Optional[int] = None,
     force: bool = False,
     progress: Optional[ProgressFn] = None,
 ) -> FisherResult:
@@ -146,6 +146,8 @@ def run_fisher_distributed(
                            batch_size=batch_size)
     checkpoint, pool, model, torch_device = setup.checkpoint, setup.pool, setup.model, setup.device
     unlabeled, labeled_ids, subsample, step = setup.unlabeled, setup.labeled_ids, setup.subsample, setup.step
+    # Shards are whole batches, so every rank must batch alike: the smallest batch any rank's memory allows.
+    batch_size = int(distributed.all_gather_concat(torch.tensor([setup.batch_size])).min())
     cache = paths.embeddings_cache(out)
     with ExitStack() as held:
         def lock_and_check() -> bool:

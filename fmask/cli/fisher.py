@@ -10,7 +10,6 @@ from fmask.cli import app
 from fmask.device import memory_budget, parse_memory_size
 from fmask.numerics import deterministic_algorithms
 from fmask.cli.ui import done, progress_callback, show
-from fmask.fisher.grads import DEFAULT_BATCH_SIZE
 from fmask.fisher.profile import mask_profile_from_file
 from fmask.distributed_fisher import run_fisher_distributed
 from fmask.fisher.step import EMBED_DTYPES
@@ -31,7 +30,9 @@ def fisher_command(
     embed_dtype: str = typer.Option("float32", help=f"Embedding cache dtype: {' | '.join(EMBED_DTYPES)}."),
     embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings",
                                     help="Also compute the masked gradient embeddings `fmask query` uses."),
-    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, help="Samples per forward/backward chunk (memory bound)."),
+    batch_size: Optional[int] = typer.Option(None, help="Samples per forward/backward chunk (default: 64 on a CPU; "
+                                                        "on a GPU as many as half the usable memory holds, at most "
+                                                        "1024)."),
     profile: bool = typer.Option(False, "--profile", help="Print the share of masked parameters per layer."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Memory to plan with, in bytes or e.g. "

@@ -24,7 +24,7 @@ import fmask
 from fmask import paths
 from fmask.device import format_bytes, resolve_device
 from fmask.errors import FmaskError
-from fmask.fisher.grads import DEFAULT_BATCH_SIZE, ProgressFn, fisher_diagonal, masked_embeddings
+from fmask.fisher.grads import ProgressFn, fisher_diagonal, masked_embeddings, plan_fisher_pass
 from fmask.fisher.mask import MaskColumns, is_head_parameter, mask_size, top_k_mask
 from fmask.numerics import deterministic_enabled, exact_float32
 from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_save_safetensors, check_writable, output_lock,
@@ -94,7 +94,7 @@ class MaskFile:
         *,
         device: Optional[torch.device] = None,
         dtype: Optional[str] = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: Optional[int] = None,
         progress: Optional[ProgressFn] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(V_unlabeled (N, r, k), V_labeled (L, r, k)) for these ids, columns in mask order.
@@ -270,17 +270,18 @@ class FisherSetup:
     device: torch.device
     subsample: Optional[int]
     step: dict
+    batch_size: int  # resolved for the device (plan_fisher_pass) unless given
 
 
 def prepare_fisher(*, ckpt: str | os.PathLike, pool_dir: Optional[str | os.PathLike], labeled: Optional[str | os.PathLike],
                    sparsity: float, samples: Optional[int], head: bool, seed: int, device: str, embed_dtype: str,
-                   embeddings: bool, batch_size: int) -> FisherSetup:
+                   embeddings: bool, batch_size: Optional[int]) -> FisherSetup:
     """Validate the inputs of ``fmask fisher`` (one FmaskError line each) and derive k, the ids and the step key."""
     from fmask.train.checkpoint import open_round
 
     if samples is not None and samples < 1:
         raise FmaskError(f"--samples {samples} must be at least 1; omit it to use the whole unlabeled pool")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise FmaskError(f"--batch-size {batch_size} must be at least 1")
     _check_dtype(embed_dtype)
     opened = open_round(ckpt, pool_dir=pool_dir, labeled=labeled)
@@ -298,6 +299,8 @@ def prepare_fisher(*, ckpt: str | os.PathLike, pool_dir: Optional[str | os.PathL
     if embeddings:
         check_embedding_memory(len(unlabeled) + len(labeled_ids), pool.num_classes, k, embed_dtype)
     torch_device = resolve_device(device)
+    # Batches sized to the device (64 on a CPU; see plan_fisher_pass) unless --batch-size says otherwise.
+    batch_size = plan_fisher_pass(model, pool.image_shape, device=torch_device, batch_size=batch_size).batch_size
     # --samples at least the pool size is the whole pool: same step, and the seed then plays no part.
     subsample = samples if samples is not None and samples < len(unlabeled) else None
     inputs = {"checkpoint": checkpoint.hash, "pool": pool.hash, "labeled": labeled_set.hash}
@@ -306,7 +309,7 @@ def prepare_fisher(*, ckpt: str | os.PathLike, pool_dir: Optional[str | os.PathL
     if deterministic_enabled():
         step["deterministic"] = True  # another computation on GPUs (absent otherwise: older keys stay valid)
     return FisherSetup(checkpoint, pool, opened.pool_dir, labeled_set, labeled_ids, unlabeled, model, names,
-                       num_parameters, k, head_size, torch_device, subsample, step)
+                       num_parameters, k, head_size, torch_device, subsample, step, batch_size)
 
 
 def mask_artifact(setup: FisherSetup, fisher: dict[str, torch.Tensor], *, sparsity: float, head: bool,
@@ -342,7 +345,7 @@ def run_fisher(
     device: str = "auto",
     embed_dtype: str = "float32",
     embeddings: bool = True,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: Optional[int] = None,
     force: bool = False,
     progress: Optional[ProgressFn] = None,
 ) -> FisherResult:
@@ -356,6 +359,7 @@ def run_fisher(
     check_writable(out)
     checkpoint, pool, model, torch_device = setup.checkpoint, setup.pool, setup.model, setup.device
     unlabeled, labeled_ids, subsample = setup.unlabeled, setup.labeled_ids, setup.subsample
+    batch_size = setup.batch_size
     cache = paths.embeddings_cache(out)
     with output_lock(out.parent, "fisher", outputs=(out.name, cache.name)):
         skipped = not force and step_is_current(out, setup.step)
