@@ -24,11 +24,11 @@ from fmask import distributed, paths
 from fmask.errors import FmaskError
 from fmask.fisher.grads import DEFAULT_BATCH_SIZE, fisher_diagonal, masked_embeddings
 from fmask.fisher.mask import MaskColumns
-from fmask.fisher.step import (EMBED_DTYPES, EMBEDDINGS_KIND, FISHER, FisherResult, load_mask, mask_artifact,
-                               prepare_fisher, run_fisher, stratified_subsample)
+from fmask.fisher.step import (EMBED_DTYPES, EMBEDDINGS_KIND, FISHER, FisherResult, embeddings_step, load_mask,
+                               mask_artifact, prepare_fisher, run_fisher, stratified_subsample)
 from fmask.numerics import exact_float32
 from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_save_safetensors, check_writable, output_lock,
-                      read_safetensors_rows, safetensors_shapes, sha256_json, step_is_current)
+                      read_safetensors_rows, safetensors_shapes, step_is_current)
 from fmask.query.base import ProgressFn
 
 
@@ -70,7 +70,8 @@ def sharded_fisher_diagonal(model: torch.nn.Module, pool, ids: Sequence[int], *,
 def sharded_masked_embeddings(model: torch.nn.Module, pool, ids: Sequence[int], columns: MaskColumns, *,
                               num_classes: int, batch_size: int = DEFAULT_BATCH_SIZE,
                               dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
-                              progress: Optional[ProgressFn] = None, gather: bool = True) -> torch.Tensor:
+                              progress: Optional[ProgressFn] = None, gather: bool = True, rows: str = "scaled"
+                              ) -> torch.Tensor:
     """Masked gradient embeddings (N, r, k) of ``ids``; each rank computes its shard (whole batches).
 
     ``gather``: every rank returns all N rows in ``ids`` order; otherwise only its own shard's rows (the rows
@@ -80,7 +81,7 @@ def sharded_masked_embeddings(model: torch.nn.Module, pool, ids: Sequence[int], 
     local = distributed.shard(ids, align=batch_size)
     part = masked_embeddings(model, lambda positions: pool.inputs([local[i] for i in positions]), columns,
                              num_samples=len(local), batch_size=batch_size, dtype=dtype, device=device,
-                             num_classes=num_classes, progress=progress)
+                             num_classes=num_classes, rows=rows, progress=progress)
     if not gather:
         return part
     if part.shape[1] != num_classes:  # an empty shard: give it the shape the others have
@@ -129,6 +130,8 @@ def run_fisher_distributed(
     embed_dtype: str = "float32",
     embeddings: bool = True,
     batch_size: Optional[int] = None,
+    embedding_rows: str = "scaled",
+    m0: str = "identity",
     force: bool = False,
     progress: Optional[ProgressFn] = None,
 ) -> FisherResult:
@@ -137,13 +140,14 @@ def run_fisher_distributed(
     if not distributed.is_distributed():
         return run_fisher(ckpt=ckpt, out=out, pool_dir=pool_dir, labeled=labeled, sparsity=sparsity, samples=samples,
                           head=head, seed=seed, device=device, embed_dtype=embed_dtype, embeddings=embeddings,
-                          batch_size=batch_size, force=force, progress=progress)
+                          batch_size=batch_size, embedding_rows=embedding_rows, m0=m0, force=force,
+                          progress=progress)
     started = time.perf_counter()
     out = Path(out)
     # The same checks as run_fisher: every rank reads the same files, so every rank refuses alike.
     setup = prepare_fisher(ckpt=ckpt, pool_dir=pool_dir, labeled=labeled, sparsity=sparsity, samples=samples,
                            head=head, seed=seed, device=device, embed_dtype=embed_dtype, embeddings=embeddings,
-                           batch_size=batch_size)
+                           batch_size=batch_size, embedding_rows=embedding_rows, m0=m0)
     checkpoint, pool, model, torch_device = setup.checkpoint, setup.pool, setup.model, setup.device
     unlabeled, labeled_ids, subsample, step = setup.unlabeled, setup.labeled_ids, setup.subsample, setup.step
     # Shards are whole batches, so every rank must batch alike: the smallest batch any rank's memory allows.
@@ -172,15 +176,14 @@ def run_fisher_distributed(
         mask_file = load_mask(out, checkpoint_hash=checkpoint.hash)
         computed = False
         if embeddings:
-            cache_step = {"mask": mask_file.hash, "unlabeled": sha256_json(unlabeled),
-                          "labeled": sha256_json(labeled_ids)}
+            cache_step = embeddings_step(mask_file.hash, unlabeled, labeled_ids, embedding_rows)
             current = distributed.main_decides(lambda: not force and _cached_embeddings_current(
                 cache, cache_step, embed_dtype, len(unlabeled), len(labeled_ids), mask_file.k))
             if not current:
                 computed = True
                 _write_embeddings_cache(mask_file, cache, cache_step, model, pool, unlabeled, labeled_ids,
-                                        dtype=embed_dtype, device=torch_device, batch_size=batch_size,
-                                        progress=progress)
+                                        dtype=embed_dtype, rows=embedding_rows, device=torch_device,
+                                        batch_size=batch_size, progress=progress)
         skipped = skipped and not computed
         distributed.barrier()  # nobody returns (and releases nothing) before rank 0 has written
     return FisherResult(
@@ -192,7 +195,7 @@ def run_fisher_distributed(
 
 
 def _write_embeddings_cache(mask_file, cache: Path, step: dict, model, pool, unlabeled: list[int],
-                            labeled: list[int], *, dtype: str, device: torch.device, batch_size: int,
+                            labeled: list[int], *, dtype: str, rows: str, device: torch.device, batch_size: int,
                             progress: Optional[ProgressFn]) -> None:
     """Sharded embeddings of both sets, written by rank 0 in the layout MaskFile.embeddings reads."""
     columns, num_classes = mask_file.columns, int(pool.num_classes)
@@ -200,7 +203,7 @@ def _write_embeddings_cache(mask_file, cache: Path, step: dict, model, pool, unl
     def compute(ids: list[int], task: str) -> torch.Tensor:
         report = (lambda _task, done, total: progress(task, done, total)) if progress else None
         return sharded_masked_embeddings(model, pool, ids, columns, num_classes=num_classes, batch_size=batch_size,
-                                         dtype=EMBED_DTYPES[dtype], device=device, progress=report)
+                                         dtype=EMBED_DTYPES[dtype], device=device, progress=report, rows=rows)
 
     unlabeled_rows = compute(unlabeled, "gradient embeddings")
     labeled_rows = compute(labeled, "labeled-set embeddings")
@@ -209,13 +212,15 @@ def _write_embeddings_cache(mask_file, cache: Path, step: dict, model, pool, unl
                    "unlabeled_ids": torch.tensor(unlabeled, dtype=torch.int64),
                    "labeled_ids": torch.tensor(labeled, dtype=torch.int64)}
         metadata = {"format": str(FORMAT_VERSION), "kind": EMBEDDINGS_KIND, "fmask_version": _version(),
-                    "mask": mask_file.hash, "k": str(mask_file.k), "dtype": dtype, STEP_KEY: json.dumps(step)}
+                    "mask": mask_file.hash, "k": str(mask_file.k), "dtype": dtype, "rows": rows,
+                    STEP_KEY: json.dumps(step)}
         atomic_save_safetensors(cache, tensors, metadata)
 
 
 def local_mask_embeddings(mask_file, model: torch.nn.Module, pool, unlabeled: Sequence[int], labeled: Sequence[int],
                           *, device: Optional[torch.device] = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                          progress: Optional[ProgressFn] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          rows: Optional[str] = None, progress: Optional[ProgressFn] = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's rows of the masked embeddings (its block of ``unlabeled``, its block of ``labeled``, both by
     :func:`fmask.distributed.shard` with ``align=batch_size``): sliced from the cache ``fmask fisher`` wrote when
     it is current, computed for the block alone otherwise (nothing is written: the cache is rank 0's to write).
@@ -224,7 +229,8 @@ def local_mask_embeddings(mask_file, model: torch.nn.Module, pool, unlabeled: Se
     ustart, ustop = distributed.shard_bounds(len(unlabeled), align=batch_size)
     lstart, lstop = distributed.shard_bounds(len(labeled), align=batch_size)
     cache = paths.embeddings_cache(mask_file.path)
-    step = {"mask": mask_file.hash, "unlabeled": sha256_json(unlabeled), "labeled": sha256_json(labeled)}
+    rows = rows or mask_file.embedding_rows
+    step = embeddings_step(mask_file.hash, unlabeled, labeled, rows)
     if _cached_embeddings_current(cache, step, None, len(unlabeled), len(labeled), mask_file.k):
         # Only this rank's rows are read: the whole cache is N × classes × k per rank otherwise.
         mine = read_safetensors_rows(cache, {"unlabeled": (ustart, ustop), "labeled": (lstart, lstop)},
@@ -238,6 +244,6 @@ def local_mask_embeddings(mask_file, model: torch.nn.Module, pool, unlabeled: Se
         report = (lambda _task, done, total: progress(task, done, total)) if progress else None
         return sharded_masked_embeddings(model.to(device), pool, ids, columns, num_classes=num_classes,
                                          batch_size=batch_size, dtype=EMBED_DTYPES[dtype], device=device,
-                                         progress=report, gather=False)
+                                         progress=report, gather=False, rows=rows)
 
     return compute(unlabeled, "gradient embeddings"), compute(labeled, "labeled-set embeddings")

@@ -15,6 +15,7 @@ CLASS_PICKS_PNG = "class_picks.png"  # written by `fmask plot`
 STEP_TIMES_PNG = "step_times.png"  # written by `fmask plot` when timings.csv exists
 TIMINGS_CSV = "timings.csv"  # written by `fmask run`: seconds per executed step
 EXPERIMENT_JSON = "experiment.json"  # written by `fmask run`: its configuration
+FEATURES_PREFIX = "features-"  # in a pool directory: a frozen backbone's cached features, features-<key>.safetensors
 
 
 def pool_manifest(pool_dir: str | Path) -> Path:
@@ -27,6 +28,12 @@ def pool_images(pool_dir: str | Path) -> Path:
 
 def pool_labeled(pool_dir: str | Path) -> Path:
     return Path(pool_dir) / POOL_LABELED
+
+
+def feature_cache(pool_dir: str | Path, key: str) -> Path:
+    """A frozen backbone's features of a pool's images, beside the pool; ``key`` hashes the backbone's weights
+    and preprocessing (one file per backbone)."""
+    return Path(pool_dir) / f"{FEATURES_PREFIX}{key[:16]}.safetensors"
 
 
 def metrics_csv(checkpoint: str | Path) -> Path:

@@ -49,6 +49,16 @@ def tiny_run(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_dropout_ckpt(tiny_run: Path, tmp_path_factory) -> Path:
+    """A round-0 checkpoint of the tiny pool trained with dropout before the head (bald, batchbald)."""
+    out = tmp_path_factory.mktemp("tiny_dropout") / "round0.pt"
+    result = invoke("train", "--pool", tiny_run / "pool", "--model", "cnn", "--epochs", "3", "--batch-size", "16",
+                    "--device", "cpu", "--mc-dropout", "0.3", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
 @pytest.fixture
 def run_dir(tiny_run: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny run (checkpoint provenance still points at the shared pool)."""

@@ -138,7 +138,7 @@ def read_only_directory(run):
 
 
 def fisher_mask(run):
-    assert invoke("fisher", "--ckpt", run / "round0.pt", "--out", run / "mask.safetensors", "--sparsity", "0.01",
+    assert invoke("fisher", "--ckpt", run / "round0.pt", "--out", run / "mask.safetensors", "--sparsity", "0.05",
                   "--no-embeddings", "--device", "cpu").exit_code == 0
     return run / "mask.safetensors"
 

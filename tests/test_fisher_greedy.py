@@ -197,3 +197,59 @@ def test_rejects_bad_input():
     with pytest.raises(FmaskError, match="NaN"):
         fisher_greedy(torch.full((5, 2, 3), float("nan"), dtype=torch.float64), 2)
     assert fisher_greedy(pool, 0) == []
+
+
+def dense_m0_fisher_oracle(pool, batch, labeled, lamb):
+    """Literal greedy from the paper's eq. (2): M_0 = lamb (F + rho I) + L/(L+K) mean_l V_l^T V_l, F the mean V^T V
+    over pool and labeled, rho = 1e-6 tr(F) / D; each step picks the candidate minimising tr(F (M + s² V_x^T V_x)^-1),
+    inverting from scratch."""
+    pool = pool.double()
+    n, r, d = pool.shape
+    everything = pool if labeled is None else torch.cat([pool, labeled.double()])
+    fisher = torch.einsum("nrd,nre->de", everything, everything) / len(everything)
+    num_labeled = 0 if labeled is None else len(labeled)
+    m = lamb * (fisher + 1e-6 * torch.trace(fisher) / d * torch.eye(d, dtype=torch.float64))
+    if labeled is not None:
+        m = m + torch.einsum("nrd,nre->de", labeled.double(), labeled.double()) / (num_labeled + batch)
+    scale2 = batch / (num_labeled + batch)
+    chosen = []
+    for _ in range(batch):
+        objectives = [math.inf if x in chosen else
+                      torch.trace(fisher @ torch.linalg.inv(m + scale2 * pool[x].T @ pool[x])).item()
+                      for x in range(n)]
+        best = min(range(n), key=lambda x: objectives[x])
+        chosen.append(best)
+        m = m + scale2 * pool[best].T @ pool[best]
+    return chosen
+
+
+@pytest.mark.parametrize("n, r, d, num_labeled, batch, lamb",
+                         [(30, 3, 8, 0, 6, 1.0), (40, 2, 12, 6, 5, 0.5), (25, 4, 6, 3, 7, 2.0)])
+def test_m0_fisher_matches_the_literal_formula(n, r, d, num_labeled, batch, lamb):
+    pool, labeled = instance(n, r, d, num_labeled, seed=7 * n + d)
+    expected = dense_m0_fisher_oracle(pool, batch, labeled, lamb)
+    for dtype in (torch.float64, torch.float32):
+        result = fisher_greedy_detailed(pool.to(dtype), batch, None if labeled is None else labeled.to(dtype),
+                                        lamb=lamb, m0="fisher")
+        assert result.positions == expected, dtype
+    # The default start (lamb I) still follows its own literal formula.
+    assert fisher_greedy(pool, batch, labeled, lamb=lamb) == dense_oracle(pool, batch, labeled, lamb=lamb)
+
+
+def test_m0_fisher_differs_from_identity_and_refuses_a_factored_fisher():
+    pool, labeled = instance(40, 3, 10, 4, seed=11)
+    pool[:, :, :5] *= 10  # an anisotropic F, where lamb F and lamb I weigh directions differently
+    identity = fisher_greedy(pool, 8, labeled, lamb=5.0)
+    fisher = fisher_greedy(pool, 8, labeled, lamb=5.0, m0="fisher")
+    assert identity != fisher and fisher == dense_m0_fisher_oracle(pool, 8, labeled, 5.0)
+    with pytest.raises(FmaskError, match="dense"):
+        fisher_greedy(pool, 4, labeled, m0="fisher", fisher_mode="factored")
+    with pytest.raises(FmaskError, match="--m0"):
+        fisher_greedy(pool, 4, labeled, m0="eye")
+
+
+def test_m0_fisher_works_when_the_pool_fisher_is_rank_deficient():
+    """Fewer embedding rows than D: F is singular, the ridge keeps M_0 invertible, and the literal formula holds."""
+    pool, labeled = instance(6, 2, 20, 2, seed=5)
+    expected = dense_m0_fisher_oracle(pool, 3, labeled, 1.0)
+    assert fisher_greedy(pool, 3, labeled, m0="fisher") == expected

@@ -86,9 +86,10 @@ def _case(name: str) -> tuple[nn.Module, torch.Tensor]:
     return model, x.double()
 
 
-def _loop(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _loop(model: nn.Module, x: torch.Tensor, scaled: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Reference: one torch.autograd.grad per (sample, class). Returns the Fisher diagonal and the full
-    per-class gradient rows sqrt(p_y) grad log p_y, (n, r, P) in named_parameters() order."""
+    per-class gradient rows sqrt(p_y) grad log p_y (``scaled=False``: grad log p_y), (n, r, P) in
+    named_parameters() order."""
     names, params = zip(*model.named_parameters())
     fisher = {name: torch.zeros_like(p) for name, p in zip(names, params)}
     rows = []
@@ -101,7 +102,7 @@ def _loop(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], t
             weight = log_p[y].detach().exp()
             for name, gi in zip(names, g):
                 fisher[name] += weight * gi.square() / x.shape[0]
-            per_class.append(weight.sqrt() * torch.cat([gi.reshape(-1) for gi in g]))
+            per_class.append((weight.sqrt() if scaled else 1.0) * torch.cat([gi.reshape(-1) for gi in g]))
         rows.append(torch.stack(per_class))
     return fisher, torch.stack(rows)
 
@@ -272,3 +273,20 @@ def test_stratified_subsample_keeps_class_proportions_and_is_seeded():
     assert stratified_subsample(ids, predicted, 10, seed=3) == chosen
     assert stratified_subsample(ids, predicted, 10, seed=4) != chosen
     assert stratified_subsample(ids, predicted, 500, seed=3) == ids
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("case", ["cnn", "residual", "sequence"])
+def test_unscaled_embedding_rows_equal_the_plain_log_likelihood_gradients(case):
+    """The authors' code's rows, ∇θ log p_y(x) with no √p_y, against one autograd.grad per (sample, class)."""
+    model, x = _case(case)
+    names = [name for name, _ in model.named_parameters()]
+    expected = _loop(model, x, scaled=False)[1]
+    generator = torch.Generator().manual_seed(3)
+    masks = {name: torch.rand(p.shape, generator=generator) < 0.4 for name, p in model.named_parameters()}
+    columns = MaskColumns.from_masks(masks, list(names))
+    flat_mask = torch.cat([masks[name].reshape(-1) for name in names])
+    unscaled = masked_embeddings(model, x, columns, batch_size=2, dtype=torch.float64, rows="unscaled")
+    torch.testing.assert_close(unscaled, expected[:, :, flat_mask], rtol=1e-6, atol=1e-12)
+    with pytest.raises(FmaskError, match="--embedding-rows"):
+        masked_embeddings(model, x, columns, rows="sqrt")

@@ -113,3 +113,37 @@ def test_config_file_and_presets(tmp_path):
     config.write_text("speed = 3\n")
     result = invoke("run", "--out", tmp_path / "r", "--config", config)
     assert result.exit_code == 2 and "unknown key 'speed'" in result.stderr
+
+
+def test_run_refuses_a_sparsity_the_head_would_fill_before_training(tmp_path):
+    from tests.conftest import refused_line
+
+    out = tmp_path / "r"
+    line = refused_line(invoke("run", "--out", out, "--dataset", "digits", "--class-counts", "8,8,8,8,8,8,8,8,8,40",
+                               "--initial", "20", "--batch", "5", "--rounds", "1", "--strategies", "fishermask",
+                               "--sparsity", "0.002", "--model", "cnn", "--device", "cpu"))
+    assert "--sparsity 0.049 or more" in line and "--no-head" in line
+    assert not (out / "seed0" / "round0.pt").exists()
+
+
+def test_run_records_the_fishermask_variants_under_their_own_names(tmp_path):
+    from fmask.fisher import load_mask
+
+    out = tmp_path / "variants"
+    args = ["--dataset", "digits", "--class-counts", "8,8,8,8,8,8,8,8,8,40", "--initial", "10", "--batch", "4",
+            "--rounds", "1", "--strategies", "fishermask,fishermask-unscaled,fishermask-m0fisher", "--seeds", "0",
+            "--model", "cnn", "--epochs", "1", "--test-per-class", "3", "--sparsity", "0.05", "--device", "cpu"]
+    result = invoke("run", "--out", out, *args, "--m0", "identity")
+    assert result.exit_code == 0, result.output
+    expected = {"fishermask": ("scaled", "identity"), "fishermask-unscaled": ("unscaled", "identity"),
+                "fishermask-m0fisher": ("scaled", "fisher")}
+    for strategy, (rows, m0) in expected.items():
+        mask = load_mask(out / "seed0" / strategy / "fisher0.safetensors", checkpoint_hash=None)
+        assert (mask.embedding_rows, mask.m0) == (rows, m0), strategy
+        query = json.loads((out / "seed0" / strategy / "query0.json").read_text())
+        assert query["details"] == {"embedding_rows": rows, "m0": m0}, strategy
+    assert json.loads((out / "experiment.json").read_text())["config"]["embedding_rows"] == "scaled"
+    result = invoke("plot", out, "--out", tmp_path / "figures")
+    assert result.exit_code == 0, result.output
+    summary = pd.read_csv(tmp_path / "figures" / "summary.csv")
+    assert set(summary["strategy"]) == set(expected)

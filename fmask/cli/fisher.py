@@ -33,6 +33,10 @@ def fisher_command(
     batch_size: Optional[int] = typer.Option(None, help="Samples per forward/backward chunk (default: 64 on a CPU; "
                                                         "on a GPU as many as half the usable memory holds, at most "
                                                         "1024)."),
+    embedding_rows: str = typer.Option("scaled", help="Embedding rows: scaled (sqrt(p_y) grad log p_y, the paper's "
+                                                      "text) | unscaled (grad log p_y, the authors' code)."),
+    m0: str = typer.Option("identity", help="Recorded for `fmask query`: the greedy starts from lamb I (identity, "
+                                            "the authors' code) or lamb F (fisher, the paper's eq. 2)."),
     profile: bool = typer.Option(False, "--profile", help="Print the share of masked parameters per layer."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Memory to plan with, in bytes or e.g. "
@@ -49,13 +53,13 @@ def fisher_command(
             progress_callback() if distributed.is_main() else nullcontext(None) as progress:
         result = run_fisher_distributed(ckpt=ckpt, out=out, pool_dir=pool, labeled=labeled, sparsity=sparsity,
                                         samples=samples, head=head, seed=seed, device=device, embed_dtype=embed_dtype,
-                                        embeddings=embeddings,
-                                        batch_size=batch_size, force=force, progress=progress)
+                                        embeddings=embeddings, batch_size=batch_size, embedding_rows=embedding_rows,
+                                        m0=m0, force=force, progress=progress)
     if not distributed.is_main():
         return
     if result.head_fills_mask:
-        typer.echo(f"note: k={result.k} is no more than the classifier layer's size, so the mask holds only head "
-                   f"entries (its top {result.k}); raise --sparsity or use --no-head", err=True)
+        typer.echo(f"note: the backbone is frozen and k={result.k} is no more than the classifier layer's size, so "
+                   f"the mask is the head's top {result.k} entries", err=True)
     if profile:
         table = Table(title=f"Masked parameters per layer ({result.out.name})")
         for column in ("layer", "parameters", "masked", "share"):

@@ -5,7 +5,7 @@ import typer
 
 from fmask.cli import app
 from fmask.cli.ui import done, print_table
-from fmask.plot.plot import run_plot, summary_for_display
+from fmask.plot.plot import run_plot, summary_for_display, summary_notes
 
 
 @app.command("plot")
@@ -16,7 +16,9 @@ def plot_command(
 ) -> None:
     """Learning curves (mean ± std over seeds) and a summary table for every run below RESULTS."""
     result = run_plot(results_dir=results, out_dir=out, target_accuracy=target_accuracy)
-    print_table(summary_for_display(result.summary), "Final accuracy and area under the learning curve (mean ± std over runs)")
+    print_table(summary_for_display(result.summary), "Final accuracy and area under the learning curve (mean over runs)")
+    for note in summary_notes(result.summary):
+        done(f"note: {note}")
     for figure in result.figures:
         done(f"figure {figure}")
     done(f"summary {result.summary_csv}")

@@ -32,6 +32,8 @@ def run_command(
     model: Optional[str] = typer.Option(None, help="resnet18 | cnn | torchvision:NAME"),
     epochs: Optional[int] = typer.Option(None, help="Epoch cap per training."),
     sparsity: Optional[float] = typer.Option(None, help="Fisher mask sparsity (fishermask)."),
+    embedding_rows: Optional[str] = typer.Option(None, help="fishermask's embedding rows: scaled | unscaled."),
+    m0: Optional[str] = typer.Option(None, help="fishermask's greedy start: identity (lamb I) | fisher (lamb F)."),
     test_per_class: Optional[int] = typer.Option(None, help="Subsample the test split per class."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms only (cuDNN "
@@ -41,6 +43,7 @@ def run_command(
     overrides = dict(dataset=dataset, root=root, download=download, setting=setting,
                      class_counts=_list(class_counts, int), strategies=_list(strategies), seeds=_list(seeds, int),
                      initial=initial, batch=batch, rounds=rounds, model=model, epochs=epochs, sparsity=sparsity,
+                     embedding_rows=embedding_rows, m0=m0,
                      test_per_class=test_per_class, device=device)
     experiment = config_from_options(preset=preset, small=small, config_file=config, overrides=overrides)
     with deterministic_algorithms(deterministic), progress_callback() as progress:

@@ -67,6 +67,23 @@ def _hessian_sqrt(p: torch.Tensor) -> torch.Tensor:
     return p.sqrt().unsqueeze(-1) * (eye - p.unsqueeze(-2))
 
 
+def softmax_log_jacobian(logits: torch.Tensor) -> torch.Tensor:
+    """(n, r, r): entry [i, v] is e_v - p, so row v of an embedding is ∇_θ log p_v(x) itself (no √p_v weight)."""
+    p = torch.softmax(logits, dim=-1)
+    eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
+    return (eye - p.unsqueeze(-2)).expand(p.shape[0], -1, -1).contiguous()
+
+
+# Rows of the masked gradient embeddings: "scaled" √p_y ∇ log p_y (the paper's text, so Σ_y rows' outer products
+# is the Fisher), "unscaled" ∇ log p_y (the authors' code).
+EMBEDDING_ROWS = {"scaled": softmax_hessian_sqrt, "unscaled": softmax_log_jacobian}
+
+
+def check_embedding_rows(rows: str) -> None:
+    if rows not in EMBEDDING_ROWS:
+        raise FmaskError(f"unknown --embedding-rows {rows!r}; use one of: {', '.join(EMBEDDING_ROWS)}")
+
+
 def softmax_hessian_factor(logits: torch.Tensor) -> torch.Tensor:
     """(n, r-1, r): rows t_j with Σ_j t_j t_jᵀ = diag(p) - p pᵀ, one fewer than softmax_hessian_sqrt.
 
@@ -255,7 +272,8 @@ class _LinearTap(_Tap):
         key = ("linear", width, g.shape[2], a.shape[1])
         if key not in self.static:  # once per mask: the masked entries' rows and columns, the pair structure
             rows, cols = idx // width, idx % width
-            self.static[key] = (rows, cols, _PairDots(rows, cols, g.shape[2], a.shape[1]) if a.shape[1] > 1 else None)
+            dots = _PairDots(rows, cols, g.shape[2], a.shape[1]) if a.shape[1] > 1 else None
+            self.static[key] = (rows, cols, dots)
         rows, cols, dots = self.static[key]
         if a.shape[1] == 1:
             # index_select, not advanced indexing (about 15x slower here); the input's columns serve all r classes.
@@ -632,14 +650,16 @@ class PerSampleGradients:
         for name, value in sums.items():
             _accumulate(acc, name, value)
 
-    def embeddings(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """Fill out (n, r, k), zero on entry, with the masked per-class gradient embeddings of the batch x."""
+    def embeddings(self, x: torch.Tensor, out: torch.Tensor, rows: str = "scaled") -> None:
+        """Fill out (n, r, k), zero on entry, with the masked per-class gradient embeddings of the batch x
+        (``rows``: see EMBEDDING_ROWS)."""
         if self.columns is None:
             raise ValueError("embeddings need the mask columns")
         self._start(x)
         # Only layers holding masked entries need gradients, so the backward passes stop at the deepest one.
         needed = [tap for tap in self.taps if any(tap.cols[name][0].numel() for name in tap.names)]
-        self._passes(x, needed, lambda tap, g, v: tap.embed(g, out[:, v], self.max_elements))
+        self._passes(x, needed, lambda tap, g, v: tap.embed(g, out[:, v], self.max_elements),
+                     cotangents=EMBEDDING_ROWS[rows])
         for s, e, grads in self._fallback_grads(x, self.cot):
             for name, grad in grads.items():
                 idx, start, end = self._fallback_cols[name]
@@ -793,12 +813,15 @@ def masked_embeddings(
     device: Optional[torch.device] = None,
     max_elements: Optional[int] = None,
     num_classes: Optional[int] = None,
+    rows: str = "scaled",
     progress: Optional[ProgressFn] = None,
 ) -> torch.Tensor:
-    """V (N, r, k): row y of sample x is sqrt(p_y(x)) ∇_θ log p_y(x) restricted to the masked entries,
-    columns in ``columns`` order (see fmask.fisher.mask). Returned on CPU in ``dtype`` (in pinned memory when
-    computed on a GPU: each batch is copied there without waiting). ``num_classes`` only sets the shape of an
-    empty result (no samples). ``batch_size`` and ``max_elements`` default to :func:`plan_fisher_pass`'s."""
+    """V (N, r, k): row y of sample x is sqrt(p_y(x)) ∇_θ log p_y(x) (``rows="scaled"``; ``"unscaled"``:
+    ∇_θ log p_y(x)) restricted to the masked entries, columns in ``columns`` order (see fmask.fisher.mask).
+    Returned on CPU in ``dtype`` (in pinned memory when computed on a GPU: each batch is copied there without
+    waiting). ``num_classes`` only sets the shape of an empty result (no samples). ``batch_size`` and
+    ``max_elements`` default to :func:`plan_fisher_pass`'s."""
+    check_embedding_rows(rows)
     total, load = _batches(inputs, num_samples)
     device, model_dtype = _model_device_dtype(model, device)
     if list(columns.names) != [name for name, _ in model.named_parameters()]:
@@ -817,10 +840,10 @@ def masked_embeddings(
                     classes = model(x[:1]).shape[-1]
                 result, pinned = _host_result((total, classes, columns.k), dtype, zeros=direct, pinned=pinned)
             if direct:
-                engine.embeddings(x, result[start:end])
+                engine.embeddings(x, result[start:end], rows)
             else:
                 chunk = torch.zeros(end - start, result.shape[1], columns.k, dtype=model_dtype, device=device)
-                engine.embeddings(x, chunk)
+                engine.embeddings(x, chunk, rows)
                 # Stream-ordered: a later batch reusing chunk's memory runs after this copy has read it.
                 result[start:end].copy_(chunk.to(dtype), non_blocking=pinned)
             if progress is not None:

@@ -8,6 +8,11 @@ parameter of the final classifier layer (names starting ``head.``) is in the mas
 k; the remaining k - (head size) entries are the top of the ranking over all other parameters. (Should
 the head alone hold k or more entries, the mask is the head's own top k.)
 
+A sparsity *works* with ``head=True`` when k is at least twice the head's size, so the mask holds at least as many
+entries outside the classifier layer as in it; below that FisherMask degenerates into BAIT on part of the head.
+:func:`check_sparsity_works` refuses such a sparsity, except for a frozen backbone (the head the only trainable
+part), where the head's own top k is the intended mask.
+
 Column order of the embeddings: parameters in ``model.named_parameters()`` order; inside a
 parameter, the row-major flat indices of its True entries, ascending.
 """
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -38,6 +43,34 @@ def mask_size(sparsity: float, num_parameters: int) -> int:
 
 def is_head_parameter(name: str, head_prefix: str = HEAD_PREFIX) -> bool:
     return name.startswith(head_prefix)
+
+
+def smallest_working_sparsity(head_size: int, num_parameters: int) -> Optional[float]:
+    """The smallest sparsity, rounded up to two significant digits, whose k is at least 2 x ``head_size``;
+    None when no sparsity can (the head is more than half the model)."""
+    need = 2 * head_size
+    if need > num_parameters:
+        return None
+    exact = (need - 0.5) / num_parameters  # k = floor(s P + 0.5) >= need  <=>  s >= (need - 0.5) / P
+    scale = 10.0 ** (1 - math.floor(math.log10(exact)))
+    candidate = math.ceil(exact * scale) / scale
+    while mask_size(min(candidate, 1.0), num_parameters) < need:  # float rounding of the division above
+        candidate += 1 / scale
+    return min(candidate, 1.0)
+
+
+def check_sparsity_works(*, sparsity: float, k: int, head_size: int, num_parameters: int,
+                         head_only_trainable: bool) -> None:
+    """Refuse (one FmaskError line) a ``--head`` mask of k entries that the classifier layer would mostly fill:
+    k < 2 x head size. A frozen backbone (``head_only_trainable``) is exempt: there the head's top k is the mask."""
+    if head_only_trainable or k >= 2 * head_size:
+        return
+    smallest = smallest_working_sparsity(head_size, num_parameters)
+    fix = f"use --sparsity {smallest:g} or more, or --no-head" if smallest is not None else "use --no-head"
+    raise FmaskError(
+        f"--sparsity {sparsity:g} keeps k={k} of {num_parameters} parameters, fewer than twice the classifier "
+        f"layer's {head_size}, so the mask would hold little but head weights; {fix}"
+    )
 
 
 def top_k_mask(

@@ -3,9 +3,11 @@ masked gradient embeddings that the ``fishermask`` query strategy selects with.
 
 The mask file (safetensors) holds, for every parameter N of the model, ``fisher.N`` (float32, N's shape)
 and ``mask.N`` (bool, N's shape); its metadata records sparsity, k, head, sample count, the checkpoint's
-hash, the fmask version, the parameter order and the step key (inputs' hashes and parameters) that lets a
-rerun with the same inputs skip. The embeddings (unlabeled and labeled samples, (N, classes, k)) are cached
-beside it (``fmask.paths.embeddings_cache``), keyed by the mask file's hash and the sample ids.
+hash, the fmask version, the parameter order, the FisherMask variant (``embedding_rows``: scaled | unscaled,
+``m0``: identity | fisher, which ``fmask query`` follows unless told otherwise) and the step key (inputs' hashes
+and parameters) that lets a rerun with the same inputs skip. The embeddings (unlabeled and labeled samples,
+(N, classes, k)) are cached beside it (``fmask.paths.embeddings_cache``), keyed by the mask file's hash, the sample
+ids and the row scaling.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import fmask
 from fmask import paths
 from fmask.device import format_bytes, resolve_device
 from fmask.errors import FmaskError
-from fmask.fisher.grads import ProgressFn, fisher_diagonal, masked_embeddings, plan_fisher_pass
-from fmask.fisher.mask import MaskColumns, is_head_parameter, mask_size, top_k_mask
+from fmask.fisher.grads import (ProgressFn, check_embedding_rows, fisher_diagonal, masked_embeddings,
+                                plan_fisher_pass)
+from fmask.fisher.mask import MaskColumns, check_sparsity_works, is_head_parameter, mask_size, top_k_mask
 from fmask.numerics import deterministic_enabled, exact_float32
 from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_save_safetensors, check_writable, output_lock,
                       read_safetensors, sha256_file, sha256_json, step_is_current)
@@ -34,6 +37,23 @@ FISHER = "fmask fisher"
 MASK_KIND = "fisher-mask"
 EMBEDDINGS_KIND = "fisher-embeddings"
 EMBED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+M0_CHOICES = ("identity", "fisher")  # the Fisher-greedy start: lamb I (authors' code) or lamb F (paper's eq. 2)
+
+
+def check_m0(m0: str) -> None:
+    if m0 not in M0_CHOICES:
+        raise FmaskError(f"unknown --m0 {m0!r}; use one of: {', '.join(M0_CHOICES)}")
+
+
+def embeddings_step(mask_hash: str, unlabeled_ids: Sequence[int], labeled_ids: Sequence[int], rows: str) -> dict:
+    """The step key of an embeddings cache: which mask, which samples, which row scaling."""
+    return {"mask": mask_hash, "unlabeled": sha256_json([int(i) for i in unlabeled_ids]),
+            "labeled": sha256_json([int(i) for i in labeled_ids]), "rows": rows}
+
+
+def head_only_trainable(model: torch.nn.Module) -> bool:
+    """True for a frozen backbone: every parameter outside the classifier layer has requires_grad off."""
+    return all(not p.requires_grad for name, p in model.named_parameters() if not is_head_parameter(name))
 
 
 def _fmask_version() -> str:
@@ -48,7 +68,7 @@ class FisherResult:
     num_parameters: int
     samples: int  # unlabeled samples the Fisher diagonal averages over
     head: bool
-    head_fills_mask: bool  # --head and the classifier layer alone holds k or more entries
+    head_fills_mask: bool  # --head and the classifier layer alone holds k or more entries (frozen backbone only)
     embeddings: Optional[Path]  # the embeddings cache, or None when not asked for
     seconds: float
     metadata: dict = field(repr=False)
@@ -78,6 +98,16 @@ class MaskFile:
         return self.metadata["head"] == "true"
 
     @property
+    def embedding_rows(self) -> str:
+        """The row scaling ``fmask fisher`` was asked for (masks without the key predate the choice: scaled)."""
+        return self.metadata.get("embedding_rows", "scaled")
+
+    @property
+    def m0(self) -> str:
+        """The Fisher-greedy start ``fmask fisher`` recorded for ``fmask query`` (default identity)."""
+        return self.metadata.get("m0", "identity")
+
+    @property
     def checkpoint_hash(self) -> str:
         return self.metadata["checkpoint"]
 
@@ -94,28 +124,31 @@ class MaskFile:
         *,
         device: Optional[torch.device] = None,
         dtype: Optional[str] = None,
+        rows: Optional[str] = None,
         batch_size: Optional[int] = None,
         progress: Optional[ProgressFn] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(V_unlabeled (N, r, k), V_labeled (L, r, k)) for these ids, columns in mask order.
 
-        Read from the cache beside the mask when it was made from this mask file for these ids (and, if
-        ``dtype`` is given, in that dtype); otherwise computed with ``model`` (the mask's checkpoint) in
-        ``dtype`` (default: the one ``fmask fisher`` was asked for) and written to the cache.
+        Read from the cache beside the mask when it was made from this mask file for these ids and row scaling
+        ``rows`` (default: the mask's ``embedding_rows``) (and, if ``dtype`` is given, in that dtype); otherwise
+        computed with ``model`` (the mask's checkpoint) in ``dtype`` (default: the one ``fmask fisher`` was asked
+        for) and written to the cache.
         """
-        return self._embeddings(model, pool, unlabeled_ids, labeled_ids, device=device, dtype=dtype,
+        return self._embeddings(model, pool, unlabeled_ids, labeled_ids, device=device, dtype=dtype, rows=rows,
                                 batch_size=batch_size, progress=progress)[:2]
 
     def _embeddings(self, model, pool, unlabeled_ids, labeled_ids, *, device, dtype, batch_size, progress,
-                    force: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                    rows: Optional[str] = None, force: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
         if dtype is not None:
             _check_dtype(dtype)
+        rows = rows or self.embedding_rows
+        check_embedding_rows(rows)
         names = [name for name, _ in model.named_parameters()]
         if names != self.parameter_names:
             raise FmaskError(f"mask {self.path} was made for another architecture; rerun `{FISHER}` on this checkpoint")
         cache = paths.embeddings_cache(self.path)
-        step = {"mask": self.hash, "unlabeled": sha256_json([int(i) for i in unlabeled_ids]),
-                "labeled": sha256_json([int(i) for i in labeled_ids])}
+        step = embeddings_step(self.hash, unlabeled_ids, labeled_ids, rows)
         cached = None if force else self._read_cache(cache, step, dtype, len(unlabeled_ids), len(labeled_ids))
         if cached is not None:  # reading needs no lock (nor a writable directory)
             return (*cached, False)
@@ -124,7 +157,8 @@ class MaskFile:
             if cached is not None:  # written meanwhile by another command
                 return (*cached, False)
             return (*self._compute_embeddings(cache, step, model, pool, unlabeled_ids, labeled_ids, device=device,
-                                              dtype=dtype, batch_size=batch_size, progress=progress), True)
+                                              dtype=dtype, rows=rows, batch_size=batch_size, progress=progress),
+                    True)
 
     def _read_cache(self, cache: Path, step: dict, dtype: Optional[str], num_unlabeled: int, num_labeled: int
                     ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -141,7 +175,7 @@ class MaskFile:
         return None
 
     def _compute_embeddings(self, cache: Path, step: dict, model, pool, unlabeled_ids, labeled_ids, *, device,
-                            dtype, batch_size, progress) -> tuple[torch.Tensor, torch.Tensor]:
+                            dtype, rows, batch_size, progress) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = dtype or self.metadata.get("embed_dtype", "float32")
         _check_dtype(dtype)
         num_classes = int(pool.num_classes)
@@ -157,7 +191,7 @@ class MaskFile:
             return masked_embeddings(
                 model, lambda positions: pool.inputs([ids[i] for i in positions]), columns,
                 num_samples=len(ids), batch_size=batch_size, dtype=EMBED_DTYPES[dtype], device=device,
-                num_classes=num_classes, progress=report,
+                num_classes=num_classes, rows=rows, progress=report,
             )
 
         unlabeled = compute(unlabeled_ids, "gradient embeddings")
@@ -166,7 +200,7 @@ class MaskFile:
                    "unlabeled_ids": torch.tensor([int(i) for i in unlabeled_ids], dtype=torch.int64),
                    "labeled_ids": torch.tensor([int(i) for i in labeled_ids], dtype=torch.int64)}
         metadata = {"format": str(FORMAT_VERSION), "kind": EMBEDDINGS_KIND, "fmask_version": _fmask_version(),
-                    "mask": self.hash, "k": str(self.k), "dtype": dtype, STEP_KEY: json.dumps(step)}
+                    "mask": self.hash, "k": str(self.k), "dtype": dtype, "rows": rows, STEP_KEY: json.dumps(step)}
         atomic_save_safetensors(cache, tensors, metadata)
         return unlabeled, labeled
 
@@ -275,7 +309,8 @@ class FisherSetup:
 
 def prepare_fisher(*, ckpt: str | os.PathLike, pool_dir: Optional[str | os.PathLike], labeled: Optional[str | os.PathLike],
                    sparsity: float, samples: Optional[int], head: bool, seed: int, device: str, embed_dtype: str,
-                   embeddings: bool, batch_size: Optional[int]) -> FisherSetup:
+                   embeddings: bool, batch_size: Optional[int], embedding_rows: str = "scaled",
+                   m0: str = "identity") -> FisherSetup:
     """Validate the inputs of ``fmask fisher`` (one FmaskError line each) and derive k, the ids and the step key."""
     from fmask.train.checkpoint import open_round
 
@@ -284,28 +319,35 @@ def prepare_fisher(*, ckpt: str | os.PathLike, pool_dir: Optional[str | os.PathL
     if batch_size is not None and batch_size < 1:
         raise FmaskError(f"--batch-size {batch_size} must be at least 1")
     _check_dtype(embed_dtype)
+    check_embedding_rows(embedding_rows)
+    check_m0(m0)
     opened = open_round(ckpt, pool_dir=pool_dir, labeled=labeled)
     checkpoint, pool, labeled_set, unlabeled = opened.checkpoint, opened.pool, opened.labeled_set, opened.unlabeled_ids
     labeled_ids = [int(i) for i in labeled_set.ids]
     if not unlabeled:
         raise FmaskError(f"the unlabeled pool is empty (every sample of {opened.pool_dir} is labeled); nothing to rank")
-    model = checkpoint.model
+    torch_device = resolve_device(device)
+    # A --finetune head checkpoint: its head alone on the cached backbone features (the trainable parameters).
+    model, pool = opened.strategy_view(torch_device)
     names = [name for name, _ in model.named_parameters()]
     num_parameters = sum(p.numel() for p in model.parameters())
     k = mask_size(sparsity, num_parameters)
     head_size = sum(p.numel() for name, p in model.named_parameters() if is_head_parameter(name))
     if head and head_size == 0:
         raise FmaskError("--head needs parameters named 'head.*' and the model has none; use --no-head")
+    if head:
+        check_sparsity_works(sparsity=sparsity, k=k, head_size=head_size, num_parameters=num_parameters,
+                             head_only_trainable=head_only_trainable(model))
     if embeddings:
         check_embedding_memory(len(unlabeled) + len(labeled_ids), pool.num_classes, k, embed_dtype)
-    torch_device = resolve_device(device)
     # Batches sized to the device (64 on a CPU; see plan_fisher_pass) unless --batch-size says otherwise.
-    batch_size = plan_fisher_pass(model, pool.image_shape, device=torch_device, batch_size=batch_size).batch_size
+    sample_shape = tuple(pool.inputs(unlabeled[:1]).shape[1:]) if torch_device.type != "cpu" else None
+    batch_size = plan_fisher_pass(model, sample_shape, device=torch_device, batch_size=batch_size).batch_size
     # --samples at least the pool size is the whole pool: same step, and the seed then plays no part.
     subsample = samples if samples is not None and samples < len(unlabeled) else None
     inputs = {"checkpoint": checkpoint.hash, "pool": pool.hash, "labeled": labeled_set.hash}
     step = {"inputs": inputs, "sparsity": float(sparsity), "head": bool(head), "samples": subsample,
-            "seed": seed if subsample is not None else None}
+            "seed": seed if subsample is not None else None, "embedding_rows": embedding_rows, "m0": m0}
     if deterministic_enabled():
         step["deterministic"] = True  # another computation on GPUs (absent otherwise: older keys stay valid)
     return FisherSetup(checkpoint, pool, opened.pool_dir, labeled_set, labeled_ids, unlabeled, model, names,
@@ -326,6 +368,7 @@ def mask_artifact(setup: FisherSetup, fisher: dict[str, torch.Tensor], *, sparsi
         "samples": str(samples_used), "num_parameters": str(setup.num_parameters),
         "checkpoint": setup.checkpoint.hash, "pool": setup.pool.hash, "labeled": setup.labeled_set.hash,
         "arch": setup.checkpoint.arch, "embed_dtype": embed_dtype, "parameters": json.dumps(names),
+        "embedding_rows": setup.step["embedding_rows"], "m0": setup.step["m0"],
         STEP_KEY: json.dumps(setup.step),
     }
     return tensors, metadata
@@ -346,16 +389,19 @@ def run_fisher(
     embed_dtype: str = "float32",
     embeddings: bool = True,
     batch_size: Optional[int] = None,
+    embedding_rows: str = "scaled",
+    m0: str = "identity",
     force: bool = False,
     progress: Optional[ProgressFn] = None,
 ) -> FisherResult:
     """Fisher diagonal over the unlabeled pool (or ``samples`` of it, stratified by predicted class), top-k
-    mask written to ``out``, and (``embeddings``) the masked gradient embeddings cached beside it."""
+    mask written to ``out``, and (``embeddings``) the masked gradient embeddings cached beside it, rows as
+    ``embedding_rows`` says. ``embedding_rows`` and ``m0`` are recorded in the mask for ``fmask query``."""
     started = time.perf_counter()
     out = Path(out)
     setup = prepare_fisher(ckpt=ckpt, pool_dir=pool_dir, labeled=labeled, sparsity=sparsity, samples=samples,
                            head=head, seed=seed, device=device, embed_dtype=embed_dtype, embeddings=embeddings,
-                           batch_size=batch_size)
+                           batch_size=batch_size, embedding_rows=embedding_rows, m0=m0)
     check_writable(out)
     checkpoint, pool, model, torch_device = setup.checkpoint, setup.pool, setup.model, setup.device
     unlabeled, labeled_ids, subsample = setup.unlabeled, setup.labeled_ids, setup.subsample

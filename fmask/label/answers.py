@@ -7,7 +7,8 @@ Two formats, told apart by the file (``.json``, or text that starts with ``[``/`
   a blank label leaves that id unanswered;
 - Label Studio's JSON export (Export -> JSON): a list of tasks, each with ``data.sample_id`` (written by
   ``fmask export``) and ``annotations[].result[].value.choices``; tasks without an annotation, and cancelled
-  (skipped) annotations, leave that id unanswered. Predictions are never read as answers.
+  (skipped) annotations, leave that id unanswered. Predictions are never read as answers. The same rules read
+  the tasks that :mod:`fmask.label.label_studio` pulls from a live server (:func:`label_studio_answers`).
 
 Anything else is refused with one line naming the file, the place and the fix, before anything is written.
 """
@@ -137,19 +138,17 @@ def _task_choices(task: dict, where: str) -> list[str]:
     return chosen
 
 
-def read_label_studio_answers(path: Path, classes: list[str], allowed_ids: set[int]) -> dict[int, int]:
-    """Label Studio's JSON export (a list of tasks with ``data.sample_id`` and annotations) -> {id: class}."""
-    try:
-        tasks = json.loads(_read_text(path))
-    except json.JSONDecodeError as exc:
-        raise FmaskError(f"answers file {path} is not valid JSON (line {exc.lineno}: {exc.msg}); export it again "
-                         "from Label Studio with Export -> JSON") from exc
-    if not isinstance(tasks, list):
-        raise FmaskError(f"answers file {path} is not a Label Studio JSON export (expected a list of tasks, found a "
-                         f"{type(tasks).__name__}); in Label Studio use Export -> JSON")
+def label_studio_answers(tasks: list, classes: list[str], allowed_ids: set[int],
+                         origin: str) -> tuple[dict[int, int], dict[int, list[int]]]:
+    """Label Studio tasks (each with ``data.sample_id`` and annotations) -> ({id: class}, {id: [task ids]}).
+
+    The second map lists, per answered sample id, the Label Studio ids of the tasks whose annotations answered it
+    (tasks without an ``id`` add nothing there). ``origin`` names the tasks' source in error messages.
+    """
     answers: dict[int, int] = {}
+    task_ids: dict[int, list[int]] = {}
     for position, task in enumerate(tasks, start=1):
-        where = f"{path}: task {position}"
+        where = f"{origin}: task {position}"
         if not isinstance(task, dict):
             raise FmaskError(f"{where} is not an object; in Label Studio use Export -> JSON")
         if "id" in task:
@@ -165,9 +164,24 @@ def read_label_studio_answers(path: Path, classes: list[str], allowed_ids: set[i
                 raise FmaskError(f"{where}: choice {choice!r} is not a class; use the labeling config `fmask export` "
                                  f"wrote (classes {classes})")
             _record(answers, sample_id, label, where, allowed_ids)
+            if isinstance(task.get("id"), int) and task["id"] not in task_ids.setdefault(sample_id, []):
+                task_ids[sample_id].append(task["id"])
         if sample_id not in allowed_ids:  # an unanswered task of another batch is still a mix-up
             raise FmaskError(f"{where}: sample id {sample_id} is not in the query; answer only queried ids")
-    return answers
+    return answers, task_ids
+
+
+def read_label_studio_answers(path: Path, classes: list[str], allowed_ids: set[int]) -> dict[int, int]:
+    """Label Studio's JSON export (a list of tasks with ``data.sample_id`` and annotations) -> {id: class}."""
+    try:
+        tasks = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise FmaskError(f"answers file {path} is not valid JSON (line {exc.lineno}: {exc.msg}); export it again "
+                         "from Label Studio with Export -> JSON") from exc
+    if not isinstance(tasks, list):
+        raise FmaskError(f"answers file {path} is not a Label Studio JSON export (expected a list of tasks, found a "
+                         f"{type(tasks).__name__}); in Label Studio use Export -> JSON")
+    return label_studio_answers(tasks, classes, allowed_ids, str(path))[0]
 
 
 def read_answers(path: str | Path, classes: list[str], allowed_ids: set[int]) -> dict[int, int]:

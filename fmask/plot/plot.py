@@ -1,5 +1,7 @@
 """``fmask plot``: find every run below a directory (metrics.csv files written by `fmask train`), draw learning
-curves with mean ± std bands over seeds, and summarise final accuracy and area under the learning curve."""
+curves with mean ± std bands over seeds, and summarise final accuracy and area under the learning curve, with
+95% percentile-bootstrap intervals over seeds and paired comparisons (bootstrap interval of the mean difference,
+exact Wilcoxon signed-rank p-value) against random and fishermask."""
 
 from __future__ import annotations
 
@@ -82,9 +84,61 @@ def default_target(per_run: pd.DataFrame) -> float:
     return float(reference["final_accuracy"].mean())
 
 
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+REFERENCES = ("random", "fishermask")  # the strategies every other is compared with, seed by seed
+# The exact two-sided Wilcoxon p-value is at least 2 / 2^n: below 0.05 only from n = 6 paired seeds on.
+WILCOXON_MIN_SEEDS = 6
+
+
+def bootstrap_interval(values: np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                       confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of ``values`` (resampling the seeds with replacement);
+    (v, v) for a single value, (nan, nan) for none."""
+    from scipy.stats import bootstrap
+
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    if len(values) == 1:
+        return float(values[0]), float(values[0])
+    result = bootstrap((values,), np.mean, n_resamples=resamples, method="percentile", confidence_level=confidence,
+                       rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def wilcoxon_p(differences: np.ndarray) -> float:
+    """Exact two-sided Wilcoxon signed-rank p-value of paired differences (zeros dropped); nan when none differ."""
+    from scipy.stats import wilcoxon
+
+    differences = np.asarray(differences, dtype=float)
+    if not np.any(differences != 0):
+        return float("nan")
+    return float(wilcoxon(differences, method="exact").pvalue)
+
+
+def paired_comparison(per_run: pd.DataFrame, strategy: str, reference: str, metric: str = "auc") -> dict:
+    """``metric`` of ``strategy`` minus ``reference`` on the seeds both ran: mean, std, bootstrap interval, exact
+    Wilcoxon p, wins, seeds. No common seed: every value nan (seeds 0); a strategy against itself: zeros, p nan."""
+    mine = per_run[per_run["strategy"] == strategy].groupby("seed")[metric].mean()
+    theirs = per_run[per_run["strategy"] == reference].groupby("seed")[metric].mean()
+    common = mine.index.intersection(theirs.index)
+    diff = (mine[common] - theirs[common]).to_numpy(float)
+    if not len(diff):
+        return {"mean": np.nan, "std": np.nan, "ci_low": np.nan, "ci_high": np.nan, "p": np.nan, "wins": 0,
+                "seeds": 0}
+    if strategy == reference:
+        return {"mean": 0.0, "std": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p": np.nan, "wins": 0, "seeds": len(diff)}
+    low, high = bootstrap_interval(diff)
+    return {"mean": float(diff.mean()), "std": float(diff.std(ddof=1)) if len(diff) > 1 else np.nan,
+            "ci_low": low, "ci_high": high, "p": wilcoxon_p(diff), "wins": int((diff > 0).sum()), "seeds": len(diff)}
+
+
 def summarize(runs: pd.DataFrame, target: Optional[float] = None) -> pd.DataFrame:
-    """Per strategy: final accuracy, AUC and labels to reach ``target``, each mean and std over runs, and the
-    paired AUC difference against random on the same seeds (mean, std, wins)."""
+    """Per strategy: final accuracy, AUC and labels to reach ``target``, each mean and std over runs, 95%
+    bootstrap intervals of the mean final accuracy and AUC, and the paired AUC difference against random and
+    against fishermask on the same seeds (mean, std, bootstrap interval, exact Wilcoxon p, wins)."""
     per_run = per_run_table(runs, target if target is not None else 0.0)
     target = default_target(per_run) if target is None else target
     per_run = per_run_table(runs, target)
@@ -97,42 +151,72 @@ def summarize(runs: pd.DataFrame, target: Optional[float] = None) -> pd.DataFram
         labels_to_target_mean=("labels_to_target", "mean"), labels_to_target_std=("labels_to_target", "std"),
         reached_target=("labels_to_target", lambda v: int(v.notna().sum())))
     summary["target_accuracy"] = target
-    random_auc = per_run[per_run["strategy"] == "random"].groupby("seed")["auc"].mean()
-    paired = []
-    for strategy in summary.index:
-        mine = per_run[per_run["strategy"] == strategy].groupby("seed")["auc"].mean()
-        common = mine.index.intersection(random_auc.index)
-        diff = (mine[common] - random_auc[common]).to_numpy(float)
-        paired.append((diff.mean() if len(diff) else np.nan, diff.std(ddof=1) if len(diff) > 1 else np.nan,
-                       int((diff > 0).sum()), len(diff)))
-    summary["auc_vs_random_mean"] = [p[0] for p in paired]
-    summary["auc_vs_random_std"] = [p[1] for p in paired]
-    summary["wins_vs_random"] = [p[2] for p in paired]
-    summary["paired_seeds"] = [p[3] for p in paired]
+    for metric in ("final_accuracy", "auc"):
+        intervals = [bootstrap_interval(per_run.loc[per_run["strategy"] == strategy, metric].to_numpy(float))
+                     for strategy in summary.index]
+        summary[f"{metric}_ci_low"] = [low for low, _ in intervals]
+        summary[f"{metric}_ci_high"] = [high for _, high in intervals]
+    for reference in REFERENCES:
+        compared = [paired_comparison(per_run, strategy, reference) for strategy in summary.index]
+        for key in ("mean", "std", "ci_low", "ci_high", "p"):
+            summary[f"auc_vs_{reference}_{key}"] = [c[key] for c in compared]
+        summary[f"wins_vs_{reference}"] = [c["wins"] for c in compared]
+        summary[f"paired_seeds_vs_{reference}"] = [c["seeds"] for c in compared]
+    summary["paired_seeds"] = summary["paired_seeds_vs_random"]
     stds = [c for c in summary.columns if c.endswith("_std")]
     summary[stds] = summary[stds].fillna(0.0)
     return summary.sort_values("auc_mean", ascending=False).reset_index()
 
 
 def summary_for_display(summary: pd.DataFrame) -> pd.DataFrame:
-    """The summary with "mean ± std" cells, for a table people read at a glance."""
+    """The summary with "mean [95% interval]" cells, for a table people read at a glance."""
     def pm(mean: pd.Series, std: pd.Series, fmt: str = "{:.3f}") -> list[str]:
         return [("—" if m != m else f"{fmt.format(m)} ± {fmt.format(s)}") for m, s in zip(mean, std)]
 
+    def ci(mean: pd.Series, low: pd.Series, high: pd.Series) -> list[str]:
+        return [("—" if m != m else f"{m:.3f} [{lo:.3f}, {hi:.3f}]") for m, lo, hi in zip(mean, low, high)]
+
+    def versus(reference: str) -> list[str]:
+        cells = []
+        for strategy, row in summary.set_index("strategy").iterrows():
+            m = row[f"auc_vs_{reference}_mean"]
+            if m != m or strategy == reference:
+                cells.append("—")
+                continue
+            p = row[f"auc_vs_{reference}_p"]
+            p_text = "" if p != p else f" p={p:.3f}"
+            cells.append(f"{m:+.3f} [{row[f'auc_vs_{reference}_ci_low']:+.3f}, {row[f'auc_vs_{reference}_ci_high']:+.3f}]"
+                         f"{p_text} ({int(row[f'wins_vs_{reference}'])}/{int(row[f'paired_seeds_vs_{reference}'])} won)")
+        return cells
+
     target = summary["target_accuracy"].iloc[0] if len(summary) else float("nan")
-    vs_random = [("—" if m != m or strategy == "random" else f"{m:+.3f} ({w}/{n} won)")
-                 for strategy, m, w, n in zip(summary["strategy"], summary["auc_vs_random_mean"],
-                                              summary["wins_vs_random"], summary["paired_seeds"])]
-    return pd.DataFrame({
+    table = pd.DataFrame({
         "strategy": summary["strategy"], "runs": summary["runs"], "labels": summary["final_labeled"].astype(int),
-        "final accuracy": pm(summary["final_accuracy_mean"], summary["final_accuracy_std"]),
+        "final accuracy [95% CI]": ci(summary["final_accuracy_mean"], summary["final_accuracy_ci_low"],
+                                      summary["final_accuracy_ci_high"]),
         "balanced": pm(summary["balanced_accuracy_mean"], summary["balanced_accuracy_std"]),
-        "AUC": pm(summary["auc_mean"], summary["auc_std"]),
+        "AUC [95% CI]": ci(summary["auc_mean"], summary["auc_ci_low"], summary["auc_ci_high"]),
         f"labels to {target:.3f}": [f"{t} ({r}/{n})" for t, r, n in zip(
             pm(summary["labels_to_target_mean"], summary["labels_to_target_std"], "{:.0f}"),
             summary["reached_target"], summary["runs"])],
-        "AUC vs random": vs_random,
     })
+    for reference in REFERENCES:
+        if (summary[f"paired_seeds_vs_{reference}"] > 0).any():
+            table[f"AUC vs {reference}"] = versus(reference)
+    return table
+
+
+def summary_notes(summary: pd.DataFrame) -> list[str]:
+    """Caveats the numbers need beside them."""
+    notes = [f"intervals: {CONFIDENCE:.0%} percentile bootstrap over seeds ({BOOTSTRAP_RESAMPLES:,} resamples, seed "
+             f"{BOOTSTRAP_SEED}); p: exact two-sided Wilcoxon signed-rank test of the paired AUC differences"]
+    seeds = [int(n) for reference in REFERENCES for strategy, n in zip(summary["strategy"],
+                                                                        summary[f"paired_seeds_vs_{reference}"])
+             if strategy != reference and n > 0]
+    if seeds and min(seeds) < WILCOXON_MIN_SEEDS:
+        notes.append(f"only {min(seeds)} paired seeds: with fewer than {WILCOXON_MIN_SEEDS} no two-sided Wilcoxon "
+                     "p-value can fall below 0.05 (the smallest possible is 2 / 2^n), so p says little here")
+    return notes
 
 
 def plot_learning_curves(runs: pd.DataFrame, path: Path, metric: str = "accuracy") -> None:
@@ -142,12 +226,15 @@ def plot_learning_curves(runs: pd.DataFrame, path: Path, metric: str = "accuracy
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for strategy, rows in runs.groupby("strategy", sort=True):
+    groups = list(runs.groupby("strategy", sort=True))
+    # The default cycle repeats after ten colours; more strategies than that each get one of tab20's twenty.
+    colors = plt.get_cmap("tab20").colors if len(groups) > 10 else plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (strategy, rows), color in zip(groups, colors * (len(groups) // len(colors) + 1)):
         stats = rows.groupby("labeled")[metric].agg(["mean", "std", "count"]).fillna(0.0)
         x = stats.index.to_numpy(float)
         n_runs = rows["run"].nunique()
-        ax.plot(x, stats["mean"], marker="o", markersize=3, label=f"{strategy} (n={n_runs})")
-        ax.fill_between(x, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2)
+        ax.plot(x, stats["mean"], marker="o", markersize=3, color=color, label=f"{strategy} (n={n_runs})")
+        ax.fill_between(x, stats["mean"] - stats["std"], stats["mean"] + stats["std"], color=color, alpha=0.2)
     ax.set_xlabel("labeled samples")
     ax.set_ylabel(f"test {metric.replace('_', ' ')}")
     ax.set_title("Learning curves (mean ± std over seeds)")

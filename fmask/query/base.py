@@ -24,6 +24,7 @@ ProgressFn = Callable[[str, int, int], None]  # (task description, done, total)
 class Selection:
     ids: list[int]  # sample ids, in selection order
     scores: list[float]  # the score each id had when it was picked (strategy-specific meaning)
+    details: dict[str, Any] = field(default_factory=dict)  # choices worth recording in the query file
 
 
 @dataclass
@@ -66,8 +67,10 @@ class QueryContext:
                     x = self.pool.normalize(images[start : start + self.batch_size].to(self.device))
                 else:
                     x = self.pool.inputs(ids[start : start + self.batch_size]).to(self.device)
+                if x.dim() == 4:  # images (cached backbone features are (n, E))
+                    x = x.contiguous(memory_format=memory_format)
                 with autocast(precision, self.device):
-                    h = self.model.forward_features(x.contiguous(memory_format=memory_format))
+                    h = self.model.forward_features(x)
                     logits.append(self.model.head(h).float().cpu())
                 feats.append(h.float().cpu())
                 self.report("forward pass", min(start + self.batch_size, len(ids)), len(ids))
@@ -92,10 +95,20 @@ class Strategy(ABC):
 
     name: str = ""
     needs_mask: bool = False  # True: ``fmask query`` refuses to run without --mask
+    needs_labels: bool = False  # True: scores come from a head trained on labels; an empty labeled set is refused
+    needs_mc_dropout: bool = False  # True: needs a checkpoint trained with --mc-dropout (``fmask run`` trains one)
+    cold_start: bool = False  # True: uses no prediction, so it runs on a pretrained backbone without a checkpoint
 
     @abstractmethod
     def select(self, ctx: QueryContext, batch: int) -> Selection:
         """Pick ``batch`` distinct ids from ``ctx.unlabeled_ids``."""
+
+
+def require_labeled(ctx: QueryContext, strategy: str) -> None:
+    """Refuse the cold start for a strategy whose scores need a classifier trained on labels."""
+    if not ctx.labeled_ids:
+        raise FmaskError(f"strategy {strategy!r} needs a model trained on labeled samples and the labeled set is empty; "
+                         "start with typiclust, probcover, kcenter or random")
 
 
 def top_scores(ctx: QueryContext, scores: torch.Tensor, batch: int) -> Selection:

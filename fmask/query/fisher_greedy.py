@@ -12,7 +12,10 @@ per pick, exactly the same choices up to rounding.
 
 Conventions follow the authors' (BAIT's) code: candidates are scaled by sqrt(batch / (L + batch)),
 M_0 = lamb * I + (L / (L + batch)) * mean_l(V_l^T V_l), and when no ``fisher`` is given F is the mean of V^T V over
-pool and labeled embeddings *unscaled*. Ties go to the lowest position (scores within a few ulps count as tied).
+pool and labeled embeddings *unscaled*. ``m0="fisher"`` starts instead from the paper's eq. (2),
+M_0 = lamb * (F + rho I) + (L / (L + batch)) * mean_l(V_l^T V_l), F then kept dense; the ridge
+rho = M0_FISHER_RIDGE * tr(F) / D makes M_0 invertible when F is rank-deficient (fewer embedding rows than D, or
+parameters no sample moves) and is negligible otherwise. Ties go to the lowest position (scores within a few ulps count as tied).
 With ``backward_steps`` the engine picks 2 x batch forward, then greedily drops the pick whose removal raises
 tr(F M^-1) least until ``batch`` remain (BAIT's oversample-then-prune).
 
@@ -34,6 +37,8 @@ from fmask.errors import FmaskError
 from fmask.query.base import ProgressFn
 
 FisherMode = Literal["auto", "dense", "factored"]
+M0 = Literal["identity", "fisher"]
+M0_FISHER_RIDGE = 1e-6  # relative to F's mean diagonal; see the module docstring
 
 _MAX_CHUNK_ROWS = 8192  # rows of chunk x r per matmul: past this, bigger chunks no longer speed anything up
 _PROBE_SEED = 20240503  # fixed so the guard (and so the selection) is reproducible
@@ -208,6 +213,7 @@ def fisher_greedy(
     guard_tol: Optional[float] = None,
     fisher_mode: FisherMode = "auto",
     shrink_hint: str = "a smaller --sparsity (fewer masked parameters)",
+    m0: M0 = "identity",
     progress: Optional[ProgressFn] = None,
 ) -> list[int]:
     """Greedily pick ``batch`` distinct positions of ``pool`` (N, r, D) by the BAIT objective; see the module doc.
@@ -217,12 +223,13 @@ def fisher_greedy(
     ``dtype`` defaults to float64 for a float64 pool, else float32. ``device`` defaults to the pool's.
     ``memory_limit`` (bytes) defaults to :func:`default_memory_limit`. ``guard_tol`` is the relative drift the
     float guard allows (default 10 * sqrt(eps); 0 recomputes everything every step, inf never checks).
+    ``m0``: "identity" starts from lamb I (the authors' code), "fisher" from lamb F (the paper's eq. 2).
     Returns positions into ``pool`` in selection order.
     """
     return fisher_greedy_detailed(
         pool, batch, labeled, lamb, fisher, backward_steps=backward_steps, dtype=dtype, chunk_size=chunk_size,
         device=device, memory_limit=memory_limit, guard_tol=guard_tol, fisher_mode=fisher_mode,
-        shrink_hint=shrink_hint, progress=progress,
+        shrink_hint=shrink_hint, m0=m0, progress=progress,
     ).positions
 
 
@@ -241,10 +248,17 @@ def fisher_greedy_detailed(
     guard_tol: Optional[float] = None,
     fisher_mode: FisherMode = "auto",
     shrink_hint: str = "a smaller --sparsity (fewer masked parameters)",
+    m0: M0 = "identity",
     progress: Optional[ProgressFn] = None,
 ) -> FisherGreedyResult:
     """:func:`fisher_greedy`, also returning each pick's gain, the guard's counters and the memory plan."""
     _validate(pool, batch, labeled, lamb, fisher)
+    if m0 not in ("identity", "fisher"):
+        raise FmaskError(f"unknown --m0 {m0!r}; use identity or fisher")
+    if m0 == "fisher":
+        if fisher_mode == "factored":
+            raise FmaskError("m0=fisher starts from lamb F and needs F dense; drop fisher_mode='factored'")
+        fisher_mode = "dense"
     n, r, d = pool.shape
     if labeled is not None and labeled.shape[0] == 0:
         labeled = None
@@ -268,7 +282,7 @@ def fisher_greedy_detailed(
     if guard_tol is None:
         guard_tol = 10.0 * math.sqrt(torch.finfo(dtype).eps)
     with torch.no_grad():  # embeddings may arrive with autograd history; none of this needs it
-        engine = _Engine(pool, labeled, batch, lamb, fisher, plan, dtype, device, guard_tol, progress)
+        engine = _Engine(pool, labeled, batch, lamb, fisher, plan, dtype, device, guard_tol, progress, m0)
         return engine.run(forward_count)
 
 
@@ -375,8 +389,10 @@ class _Engine:
         device: torch.device,
         guard_tol: float,
         progress: Optional[ProgressFn],
+        m0: M0 = "identity",
     ) -> None:
         self.plan, self.dtype, self.device = plan, dtype, device
+        self.m0 = m0
         self.batch, self.lamb, self.guard_tol = batch, float(lamb), guard_tol
         self.progress = progress
         self.pool = _Embeddings(pool, dtype, device, plan.resident)
@@ -390,6 +406,7 @@ class _Engine:
         self.current: list[int] = []  # positions whose V^T V is in M right now
         self.refreshes = self.rebuilds = 0
         self.fisher = self._fisher_operator(fisher)
+        self.ridge = M0_FISHER_RIDGE * float(self.fisher.dense.diagonal().sum()) / self.d if m0 == "fisher" else 0.0
         self.a_is_scaled_identity = False
         self.A = self._initial_inverse()
         generator = torch.Generator().manual_seed(_PROBE_SEED)
@@ -426,14 +443,18 @@ class _Engine:
         return _FisherOperator(self._parts(), dense, chunk)
 
     def _initial_inverse(self) -> torch.Tensor:
-        if self.labeled is None:
+        if self.labeled is None and self.m0 == "identity":
             self.a_is_scaled_identity = True  # lets the first pass skip V A: A is I / lamb
             return torch.eye(self.d, dtype=self.dtype, device=self.device) / self.lamb
         return self._invert_m()
 
     def _build_m(self) -> torch.Tensor:
-        """M = lamb I + sum_l V_l^T V_l / (L + K) + scale^2 sum_{j current} V_j^T V_j, densely."""
-        m = torch.eye(self.d, dtype=self.dtype, device=self.device) * self.lamb
+        """M = lamb I (or lamb F) + sum_l V_l^T V_l / (L + K) + scale^2 sum_{j current} V_j^T V_j, densely."""
+        if self.m0 == "fisher":
+            m = self.fisher.dense * self.lamb  # a new tensor: F itself is left alone
+            m.diagonal().add_(self.lamb * self.ridge)
+        else:
+            m = torch.eye(self.d, dtype=self.dtype, device=self.device) * self.lamb
         if self.labeled is not None:
             for _, _, block in self.labeled.chunks(self.plan.chunk_size):
                 flat = block.reshape(-1, self.d)
@@ -446,14 +467,13 @@ class _Engine:
     def _invert_m(self) -> torch.Tensor:
         factor, info = torch.linalg.cholesky_ex(self._build_m())
         if int(info) != 0:
-            raise FmaskError(
-                f"the Fisher matrix M is not positive definite in {self.dtype}; raise --lamb or use --float64"
-            )
+            hint = "use --m0 identity (F is singular on these parameters)" if self.m0 == "fisher" else "raise --lamb"
+            raise FmaskError(f"the Fisher matrix M is not positive definite in {self.dtype}; {hint} or use --float64")
         return torch.cholesky_inverse(factor)
 
     def _apply_m(self, x: torch.Tensor) -> torch.Tensor:
         """M @ x without forming M (for the probe that checks A)."""
-        out = self.lamb * x
+        out = self.lamb * (self.fisher.dense @ x + self.ridge * x if self.m0 == "fisher" else x)
         if self.labeled is not None:
             for _, _, block in self.labeled.chunks(self.plan.chunk_size):
                 flat = block.reshape(-1, self.d)

@@ -18,7 +18,7 @@ from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_write_json, check_writabl
                       sha256_file, step_is_current)
 from fmask.numerics import deterministic_enabled, exact_float32
 from fmask.query.base import ProgressFn, QueryContext, read_option
-from fmask.query.registry import get_strategy
+from fmask.query.registry import get_strategy, list_strategies
 from fmask.train.checkpoint import open_round
 
 QUERY = "fmask query"
@@ -39,22 +39,43 @@ def check_selection(selected: list[int], candidates: list[int], batch: int, stra
 
 
 @exact_float32()  # scores rank candidates by small differences: no TF32 (see fmask.numerics)
-def run_query(*, ckpt: str | os.PathLike, out: str | os.PathLike, strategy: str, batch: int,
+def run_query(*, ckpt: Optional[str | os.PathLike], out: str | os.PathLike, strategy: str, batch: int,
               pool_dir: Optional[str | os.PathLike] = None, labeled: Optional[str | os.PathLike] = None,
               mask: Optional[str | os.PathLike] = None, seed: int = 0, device: str = "auto",
               options: Optional[dict[str, Any]] = None, batch_size: int = 256, force: bool = False,
-              progress: Optional[ProgressFn] = None) -> QueryResult:
+              progress: Optional[ProgressFn] = None, model: Optional[str] = None,
+              weights: Optional[str | os.PathLike] = None, input_size: Optional[int] = None,
+              mean: Optional[list[float]] = None, std: Optional[list[float]] = None) -> QueryResult:
+    """Select ``batch`` ids with ``strategy`` and write the query JSON ``out``.
+
+    Without ``ckpt`` (a cold start): ``pool_dir``, ``model`` and pretrained ``weights`` (with optional
+    ``input_size``/``mean``/``std``) give the backbone whose cached features the feature-only strategies use.
+    With a ``--finetune head`` checkpoint, ``weights`` replaces the backbone file it records."""
     # Unset options (None) mean "the strategy's default" and are not recorded.
     out, options = Path(out), {k: v for k, v in (options or {}).items() if v is not None}
     chosen = get_strategy(strategy)
     if batch <= 0:
         raise FmaskError(f"--batch {batch} must be positive")
-    opened = open_round(ckpt, pool_dir=pool_dir, labeled=labeled)
+    if ckpt is None:
+        if not chosen.cold_start:
+            raise FmaskError(f"strategy {strategy!r} needs a trained model's predictions; pass --ckpt (without one "
+                             f"only {', '.join(s for s in list_strategies() if get_strategy(s).cold_start)} run)")
+        from fmask.train.features import open_cold_start
+
+        opened = open_cold_start(pool_dir=pool_dir, labeled=labeled, model=model, weights=weights,
+                                 input_size=input_size, mean=mean, std=std)
+    else:
+        if model is not None or input_size is not None or mean is not None or std is not None:
+            raise FmaskError("--model, --input-size, --mean and --std describe a cold start's backbone; a --ckpt "
+                             "records its own, drop them")
+        opened = open_round(ckpt, pool_dir=pool_dir, labeled=labeled, weights=weights)
     checkpoint, pool, pool_dir = opened.checkpoint, opened.pool, opened.pool_dir
     labeled_path, labeled_set, candidates = opened.labeled_path, opened.labeled_set, opened.unlabeled_ids
     if batch > len(candidates):
         raise FmaskError(f"--batch {batch} is larger than the unlabeled pool ({len(candidates)} samples); lower --batch")
     mask_file, mask_hash = None, None
+    if mask is not None and checkpoint is None:
+        raise FmaskError("--mask comes from `fmask fisher` on a checkpoint; a cold start without --ckpt takes none")
     if mask is not None:
         from fmask.fisher import load_mask
 
@@ -62,7 +83,11 @@ def run_query(*, ckpt: str | os.PathLike, out: str | os.PathLike, strategy: str,
         mask_hash = sha256_file(mask)
     if chosen.needs_mask and mask_file is None:
         raise FmaskError(f"strategy {strategy!r} needs --mask (run `fmask fisher --ckpt {ckpt} --out MASK` first)")
-    inputs = {"checkpoint": checkpoint.hash, "pool": pool.hash, "labeled": labeled_set.hash, "mask": mask_hash}
+    inputs = {"checkpoint": checkpoint.hash if checkpoint is not None else None, "pool": pool.hash,
+              "labeled": labeled_set.hash, "mask": mask_hash}
+    if checkpoint is None:  # a cold start: the backbone's weights and preprocessing made the features
+        inputs.update(weights=opened.backbone.weights.sha256, model=opened.backbone.model,
+                      preprocessing=opened.backbone.preprocessing)
     step = {"inputs": inputs, "strategy": strategy, "batch": batch, "seed": seed, "options": options}
     if deterministic_enabled():
         step["deterministic"] = True
@@ -81,9 +106,11 @@ def run_query(*, ckpt: str | os.PathLike, out: str | os.PathLike, strategy: str,
             return QueryResult(out, True, current)
 
         torch_device = resolve_device(device)
-        context = QueryContext(model=checkpoint.model.to(torch_device), pool=pool, labeled_ids=list(labeled_set.ids),
-                               unlabeled_ids=candidates, device=torch_device, seed=seed, mask=mask_file,
-                               options=options, batch_size=batch_size, progress=progress)
+        # A head checkpoint or a cold start: the head alone on the pool's cached backbone features.
+        strategy_model, strategy_pool = opened.strategy_view(torch_device, progress)
+        context = QueryContext(model=strategy_model.to(torch_device), pool=strategy_pool,
+                               labeled_ids=list(labeled_set.ids), unlabeled_ids=candidates, device=torch_device,
+                               seed=seed, mask=mask_file, options=options, batch_size=batch_size, progress=progress)
         started = time.perf_counter()
         with memory_budget(read_option(options, "memory_limit", int, None)):  # --memory-limit: every plan uses it
             selection = chosen.select(context, batch)
@@ -97,7 +124,9 @@ def run_query(*, ckpt: str | os.PathLike, out: str | os.PathLike, strategy: str,
             "format": FORMAT_VERSION, "kind": "query", "fmask_version": __version__, "strategy": strategy,
             "batch": batch, "seed": seed, "round": labeled_set.round + 1, "selected": [int(i) for i in selection.ids],
             "scores": [float(s) for s in selection.scores], "seconds": seconds, "options": options,
-            "inputs": inputs, "checkpoint_path": str(Path(ckpt).resolve()), "pool_dir": str(pool_dir.resolve()),
+            "details": selection.details,
+            "inputs": inputs, "checkpoint_path": str(Path(ckpt).resolve()) if ckpt is not None else None,
+            "pool_dir": str(pool_dir.resolve()),
             "labeled_path": str(labeled_path.resolve()), STEP_KEY: step,
         })
         if distributed.is_main():

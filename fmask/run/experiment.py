@@ -9,6 +9,7 @@ Layout (what ``fmask plot`` reads):
     OUT/timings.csv                     seconds per executed step
     OUT/seed{S}/pool/                   the pool and its round-0 labeled set
     OUT/seed{S}/round0.pt               round-0 model, shared by every strategy of the seed
+    OUT/seed{S}/round0-mc-dropout.pt    the same with --mc-dropout 0.3, shared by bald and batchbald
     OUT/seed{S}/{strategy}/round{R}.pt, query{R}.json, labeled{R}.json, fisher{R}.safetensors, metrics.csv
 """
 
@@ -19,7 +20,7 @@ import os
 import shutil
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -36,6 +37,10 @@ from fmask.query.registry import get_strategy
 from fmask.query.step import run_query
 from fmask.train.trainer import TrainConfig, train
 
+
+# The dropout rate before the head for the chains of strategies that need MC dropout (bald, batchbald), round 0
+# included; the other chains train without dropout, as in the paper.
+MC_DROPOUT = 0.3
 
 
 @dataclass
@@ -55,6 +60,8 @@ class ExperimentConfig:
     train_batch_size: int = 64
     target_train_accuracy: float = 0.99
     sparsity: float = 0.002
+    embedding_rows: str = "scaled"  # fishermask: scaled (paper's text) | unscaled (authors' code)
+    m0: str = "identity"  # fishermask: identity (lamb I, authors' code) | fisher (lamb F, paper's eq. 2)
     test_per_class: Optional[int] = None
     device: str = "auto"
     query_options: dict[str, Any] = field(default_factory=dict)
@@ -69,8 +76,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Setting 2: 250 of each of nine classes, 5,000 of the tenth; batch 500 until a budget of 6,500.
     "setting2": dict(setting="setting2", initial=500, batch=500, rounds=12, model="resnet18", epochs=200),
 }
-# --small: the same pools with a small CNN, fewer rounds and a subsampled test split, for CPU runs.
-SMALL = dict(model="cnn", epochs=30, test_per_class=300)
+# --small: the same pools with a small CNN, fewer rounds and a subsampled test split, for CPU runs. The paper's
+# 0.2% would keep fewer entries than the small CNN's classifier layer holds (k ~ 106 against 516-1,290): 5% keeps
+# k ~ 2,650, at least twice the head on every preset (fmask fisher refuses less).
+SMALL = dict(model="cnn", epochs=30, test_per_class=300, sparsity=0.05)
 SMALL_ROUNDS = {"setting1-low": 4, "setting1-high": 4, "setting2": 4}
 # The demo: nine small classes and one large, the shape of Setting 2, scaled to the 1,348 train digits.
 DEMO = dict(dataset="digits", class_counts=[25] * 9 + [130], initial=20, batch=20, rounds=5, model="cnn",
@@ -109,8 +118,25 @@ def validate(config: ExperimentConfig) -> None:
         raise FmaskError("give at least one strategy and one seed")
     if config.rounds < 0 or config.batch <= 0 or config.initial <= 0:
         raise FmaskError("--rounds must be >= 0, --batch and --initial positive")
+    from fmask.fisher.grads import check_embedding_rows
+    from fmask.fisher.step import check_m0
+
+    check_embedding_rows(config.embedding_rows)
+    check_m0(config.m0)
     if config.class_counts is None and config.setting not in SETTINGS:
         raise FmaskError(f"unknown setting {config.setting!r}; choose one of: {', '.join(SETTINGS)}")
+
+
+def check_mask_sparsity(config: ExperimentConfig, pool) -> None:
+    """Refuse, as `fmask fisher` would at round 1, a sparsity whose mask the model's head would fill."""
+    from fmask.fisher.mask import check_sparsity_works, is_head_parameter, mask_size
+    from fmask.train.models import build_model
+
+    model = build_model(config.model, in_channels=pool.image_shape[0], num_classes=pool.num_classes)
+    num_parameters = sum(p.numel() for p in model.parameters())
+    head_size = sum(p.numel() for name, p in model.named_parameters() if is_head_parameter(name))
+    check_sparsity_works(sparsity=config.sparsity, k=mask_size(config.sparsity, num_parameters),
+                         head_size=head_size, num_parameters=num_parameters, head_only_trainable=False)
 
 
 def adopt_checkpoint(source: Path, target: Path) -> None:
@@ -200,17 +226,27 @@ def _run_locked(out: Path, config: ExperimentConfig, progress: Optional[Progress
             dataset=config.dataset, out=pool_dir, root=config.root, setting=config.setting,
             class_counts=config.class_counts, initial=config.initial, seed=seed,
             test_per_class=config.test_per_class, download=config.download))
+        if any(get_strategy(name).needs_mask for name in config.strategies):
+            check_mask_sparsity(config, load_pool(pool_dir))  # before any training, not at the first query
         train_config = TrainConfig(model=config.model, max_epochs=config.epochs, batch_size=config.train_batch_size,
                                    target_train_accuracy=config.target_train_accuracy, seed=seed)
-        round0 = seed_dir / "round0.pt"
-        timed("train", "-", seed, 0, lambda: train(pool_dir=pool_dir, labeled=paths.pool_labeled(pool_dir),
-                                                   out=round0, config=train_config, device=config.device,
-                                                   progress=progress))
+        round0s = {0.0: seed_dir / "round0.pt"}
+        if any(get_strategy(name).needs_mc_dropout for name in config.strategies):
+            round0s[MC_DROPOUT] = seed_dir / "round0-mc-dropout.pt"
+        for dropout, round0 in round0s.items():
+            timed("train", "-", seed, 0, lambda: train(pool_dir=pool_dir, labeled=paths.pool_labeled(pool_dir),
+                                                       out=round0, config=replace(train_config, mc_dropout=dropout),
+                                                       device=config.device, progress=progress))
         for strategy in config.strategies:
             chain = seed_dir / strategy
             chain.mkdir(parents=True, exist_ok=True)
-            adopt_checkpoint(round0, chain / "round0.pt")
-            needs_mask = get_strategy(strategy).needs_mask
+            chosen = get_strategy(strategy)
+            dropout = MC_DROPOUT if chosen.needs_mc_dropout else 0.0
+            chain_config = replace(train_config, mc_dropout=dropout)
+            adopt_checkpoint(round0s[dropout], chain / "round0.pt")
+            needs_mask = chosen.needs_mask
+            # The variant the mask records (fmask query follows it); named variants pin theirs.
+            variant = {"embedding_rows": config.embedding_rows, "m0": config.m0, **getattr(chosen, "pinned", {})}
             for round_ in range(config.rounds):
                 if on_step:
                     on_step(f"seed {seed} · {strategy} · round {round_ + 1}/{config.rounds}", done, total)
@@ -221,7 +257,8 @@ def _run_locked(out: Path, config: ExperimentConfig, progress: Optional[Progress
 
                     mask = chain / f"fisher{round_}.safetensors"
                     timed("fisher", strategy, seed, round_ + 1, lambda: run_fisher(
-                        ckpt=checkpoint, out=mask, sparsity=config.sparsity, device=config.device, progress=progress))
+                        ckpt=checkpoint, out=mask, sparsity=config.sparsity, device=config.device, progress=progress,
+                        **variant))
                 query = chain / f"query{round_}.json"
                 timed("query", strategy, seed, round_ + 1, lambda: run_query(
                     ckpt=checkpoint, out=query, strategy=strategy, batch=config.batch, mask=mask, seed=seed,
@@ -229,7 +266,7 @@ def _run_locked(out: Path, config: ExperimentConfig, progress: Optional[Progress
                 labeled = chain / f"labeled{round_ + 1}.json"
                 timed("label", strategy, seed, round_ + 1, lambda: run_label(query=query, out=labeled))
                 timed("train", strategy, seed, round_ + 1, lambda: train(
-                    pool_dir=pool_dir, labeled=labeled, out=chain / f"round{round_ + 1}.pt", config=train_config,
+                    pool_dir=pool_dir, labeled=labeled, out=chain / f"round{round_ + 1}.pt", config=chain_config,
                     device=config.device, progress=progress))
                 done += 1
     if on_step:

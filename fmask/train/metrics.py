@@ -6,12 +6,25 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from fmask import paths
 from fmask.io import atomic_write_bytes
 
 COLUMNS = ["checkpoint", "strategy", "seed", "train_seed", "round", "labeled", "accuracy", "balanced_accuracy",
            "train_accuracy", "epochs", "train_seconds", "per_class_accuracy", "labeled_counts"]
+
+
+def test_metrics(predicted: torch.Tensor, truth: torch.Tensor, num_classes: int) -> dict:
+    """Accuracy, balanced accuracy (mean over the classes present) and per-class accuracy (NaN for a class absent
+    from the test split) of ``predicted`` class indices against ``truth``."""
+    per_class = []
+    for cls in range(num_classes):
+        members = truth == cls
+        per_class.append(float((predicted[members] == cls).float().mean()) if members.any() else float("nan"))
+    present = [a for a in per_class if a == a]
+    return {"accuracy": float((predicted == truth).float().mean()), "balanced_accuracy": sum(present) / len(present),
+            "per_class_accuracy": per_class, "test_samples": int(len(truth))}
 
 
 def record_metrics(checkpoint: Path, *, labeled_set, metrics: dict, train_seed: int | None = None) -> None:

@@ -5,7 +5,16 @@ Each sample's embedding V_x (classes x k) has rows sqrt(p_y(x)) grad log p_y(x) 
 come from the mask's cache (computed once per round by ``fmask fisher``, or here when missing). Labeled samples
 enter M_0, and the batch is picked by :func:`fmask.query.fisher_greedy.fisher_greedy_detailed`.
 
-Options (ctx.options): "lamb" (float, default 1.0), "float64" (bool), "backward_steps" (bool: pick 2x then
+Two points where the paper and the authors' code differ are options (default: the mask's recorded choice, which
+defaults to the first of each):
+- "embedding_rows": "scaled" (rows sqrt(p_y) grad log p_y, the paper's text) | "unscaled" (grad log p_y, the
+  authors' code);
+- "m0": "identity" (M_0 = lamb I + labeled Fisher, the authors' code) | "fisher" (lamb F + labeled Fisher, the
+  paper's eq. 2, with a tiny ridge where F is singular; the greedy then runs in float64).
+The strategies ``fishermask-unscaled`` and ``fishermask-m0fisher`` pin one of them, so an experiment can run them
+side by side under their own names. The choice made is recorded in the query file ("details").
+
+Other options (ctx.options): "lamb" (float, default 1.0), "float64" (bool), "backward_steps" (bool: pick 2x then
 prune), "chunk_size" (int or None), "memory_limit" (bytes or None).
 """
 
@@ -13,9 +22,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from fmask import distributed
 from fmask.errors import FmaskError
-from fmask.query.base import QueryContext, Selection, Strategy, greedy_options
+from fmask.fisher.grads import check_embedding_rows
+from fmask.fisher.step import check_m0
+from fmask.query.base import QueryContext, Selection, Strategy, greedy_options, read_option
 from fmask.query.fisher_greedy import fisher_greedy_detailed
 from fmask.query.registry import register_strategy
 
@@ -23,35 +36,73 @@ from fmask.query.registry import register_strategy
 @register_strategy("fishermask")
 class FisherMaskStrategy(Strategy):
     needs_mask = True
+    pinned: dict[str, str] = {}  # variant options a named variant fixes
+
+    def variant(self, ctx: QueryContext) -> dict[str, str]:
+        """{"embedding_rows": ..., "m0": ...}: the pinned values, else the options, else the mask's record."""
+        chosen = {"embedding_rows": read_option(ctx.options, "embedding_rows", str, None) or ctx.mask.embedding_rows,
+                  "m0": read_option(ctx.options, "m0", str, None) or ctx.mask.m0}
+        for name, value in self.pinned.items():
+            given = ctx.options.get(name)
+            if given is not None and given != value:
+                raise FmaskError(f"strategy {self.name!r} uses {name}={value}; drop --{name.replace('_', '-')} "
+                                 f"{given}, or use the fishermask strategy")
+            chosen[name] = value
+        check_embedding_rows(chosen["embedding_rows"])
+        check_m0(chosen["m0"])
+        return chosen
 
     def select(self, ctx: QueryContext, batch: int) -> Selection:
         if ctx.mask is None:
-            raise FmaskError("the fishermask strategy needs --mask; run `fmask fisher --ckpt CKPT --out MASK` first")
+            raise FmaskError(f"the {self.name} strategy needs --mask; run `fmask fisher --ckpt CKPT --out MASK` first")
         lamb, dtype, backward_steps, chunk_size, memory_limit = greedy_options(ctx.options)
+        variant = self.variant(ctx)
+        if variant["m0"] == "fisher":
+            dtype = torch.float64  # M_0 = lamb F is ill-conditioned where F is nearly singular; float32 loses it
 
         candidates, labeled = list(ctx.unlabeled_ids), list(ctx.labeled_ids)
         if distributed.is_distributed():
-            return self._select_sharded(ctx, batch, candidates, labeled, lamb=lamb, dtype=dtype,
-                                        backward_steps=backward_steps, chunk_size=chunk_size,
-                                        memory_limit=memory_limit)
+            if variant["m0"] != "identity":
+                raise FmaskError("m0=fisher is not supported under torchrun; run the query in one process")
+            selection = self._select_sharded(ctx, batch, candidates, labeled, rows=variant["embedding_rows"],
+                                             lamb=lamb, dtype=dtype, backward_steps=backward_steps,
+                                             chunk_size=chunk_size, memory_limit=memory_limit)
+            selection.details = variant
+            return selection
         pool, labeled_embeddings = ctx.mask.embeddings(
-            ctx.model, ctx.pool, candidates, labeled, device=ctx.device, progress=ctx.progress
+            ctx.model, ctx.pool, candidates, labeled, device=ctx.device, rows=variant["embedding_rows"],
+            progress=ctx.progress,
         )
         result = fisher_greedy_detailed(
             pool, batch, labeled_embeddings if labeled else None, lamb=lamb, backward_steps=backward_steps,
-            dtype=dtype, chunk_size=chunk_size, device=ctx.device, memory_limit=memory_limit, progress=ctx.progress,
+            dtype=dtype, chunk_size=chunk_size, device=ctx.device, memory_limit=memory_limit, m0=variant["m0"],
+            progress=ctx.progress,
         )
-        return Selection(ids=[candidates[p] for p in result.positions], scores=result.gains)
+        return Selection(ids=[candidates[p] for p in result.positions], scores=result.gains, details=variant)
 
     @staticmethod
-    def _select_sharded(ctx: QueryContext, batch: int, candidates: list[int], labeled: list[int], **engine: Any
-                        ) -> Selection:
+    def _select_sharded(ctx: QueryContext, batch: int, candidates: list[int], labeled: list[int], *, rows: str,
+                        **engine: Any) -> Selection:
         """Under torchrun: each rank holds its block of the embeddings and of the greedy state."""
         from fmask.distributed_fisher import local_mask_embeddings
         from fmask.query.fisher_greedy_dist import fisher_greedy_distributed
 
         pool, labeled_embeddings = local_mask_embeddings(ctx.mask, ctx.model, ctx.pool, candidates, labeled,
-                                                         device=ctx.device, progress=ctx.progress)
+                                                         device=ctx.device, rows=rows, progress=ctx.progress)
         result = fisher_greedy_distributed(pool, batch, labeled_embeddings if labeled else None, device=ctx.device,
                                            progress=ctx.progress, **engine)
         return Selection(ids=[candidates[p] for p in result.positions], scores=result.gains)
+
+
+@register_strategy("fishermask-unscaled")
+class FisherMaskUnscaledStrategy(FisherMaskStrategy):
+    """FisherMask with the authors' code's embedding rows grad log p_y (no sqrt(p_y) weight)."""
+
+    pinned = {"embedding_rows": "unscaled"}
+
+
+@register_strategy("fishermask-m0fisher")
+class FisherMaskM0FisherStrategy(FisherMaskStrategy):
+    """FisherMask starting the greedy from the paper's eq. (2): M_0 = lamb F + the labeled Fisher."""
+
+    pinned = {"m0": "fisher"}
