@@ -105,7 +105,8 @@ def test_fisher_and_query_run_in_exact_float32_and_restore_tf32(run_dir, monkeyp
     _spy(monkeypatch, fisher_step, "fisher_diagonal", seen)
     _spy(monkeypatch, QueryContext, "forward", seen)
     mask = run_dir / "mask.safetensors"
-    result = invoke("fisher", "--ckpt", run_dir / "round0.pt", "--out", mask, "--device", "cpu")
+    result = invoke("fisher", "--ckpt", run_dir / "round0.pt", "--out", mask, "--sparsity", "0.05",
+                    "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert numerics.float32_settings() == tf32_on
     result = invoke("query", "--ckpt", run_dir / "round0.pt", "--strategy", "entropy", "--batch", "5",
@@ -127,7 +128,7 @@ def test_deterministic_flag_is_on_during_each_command_recorded_and_switched_off(
     ckpt, mask, query = run_dir / "det.pt", run_dir / "det.safetensors", run_dir / "det.json"
     commands = [
         ["train", "--pool", run_dir / "pool", "--model", "cnn", "--epochs", "1", "--device", "cpu", "--out", ckpt],
-        ["fisher", "--ckpt", ckpt, "--out", mask, "--device", "cpu"],
+        ["fisher", "--ckpt", ckpt, "--out", mask, "--sparsity", "0.05", "--device", "cpu"],
         ["query", "--ckpt", ckpt, "--strategy", "entropy", "--batch", "5", "--out", query, "--device", "cpu"],
     ]
     for args in commands:

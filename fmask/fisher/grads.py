@@ -707,7 +707,7 @@ def _graph_elements_per_sample(model: nn.Module, sample_shape: Sequence[int]) ->
     counts = [0]
 
     def count(module: nn.Module, inputs, output) -> None:
-        if isinstance(output, torch.Tensor):
+        if isinstance(output, torch.Tensor) and not (inputs and output is inputs[0]):  # Identity keeps no copy
             counts[0] += 3 * output[0].numel()
         if isinstance(module, nn.Conv2d) and isinstance(output, torch.Tensor):
             counts[0] += module.weight[0].numel() * module.groups * output[0, 0].numel()
