@@ -41,6 +41,9 @@ def test_lines_on_change_on_finish_and_every_interval():
         "training (epoch 1, loss 2.3000, train acc 0.100): 1/3 (0 s)",
         "training (epoch 2, loss 2.1000, train acc 0.200): 2/3 (1 s)",
     ]
+    # What the bad-input tests set apart from the one error line a refused command writes.
+    assert all(ui.PROGRESS_LINE.fullmatch(line) for line in lines)
+    assert not ui.PROGRESS_LINE.fullmatch("error: no space left on device (28/30 blocks); free some (1 s)x")
 
 
 def test_train_writes_one_line_per_epoch_with_loss_and_accuracy(run_dir):

@@ -9,6 +9,7 @@ their content when stdout is not a terminal (no truncated headers in a log).
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 LINE_INTERVAL = 30.0  # seconds between two lines of an unchanged task when stderr is not a terminal
+PROGRESS_LINE = re.compile(r".+: \d+/\d+ \(\d+ s\)")  # what ProgressLines writes: "TASK: DONE/TOTAL (SECONDS s)"
 
 
 def _task_key(task: str) -> str:
