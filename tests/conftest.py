@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from fmask.cli import app
+from fmask.cli.ui import PROGRESS_LINE
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_CIFAR10 = SHARED / "datasets" / "cifar10"
@@ -29,9 +30,10 @@ def snapshot(directory: Path) -> dict[str, str]:
 
 
 def refused_line(result) -> str:
-    """The one error line of a refused command (exit 2, no traceback)."""
+    """The one error line of a refused command (exit 2, no traceback). Progress lines of work done before the
+    failure (stderr is not a terminal here, so progress is written as lines) are not error output."""
     assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not PROGRESS_LINE.fullmatch(line)]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.stderr
     return lines[0]
 

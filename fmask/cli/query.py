@@ -6,6 +6,8 @@ import typer
 
 from fmask import distributed
 from fmask.cli import app
+from fmask.device import parse_memory_size
+from fmask.numerics import deterministic_algorithms
 from fmask.cli.ui import done, progress_callback
 from fmask.query.registry import list_strategies
 from fmask.query.step import run_query
@@ -53,6 +55,11 @@ def query_command(
     m0: Optional[str] = typer.Option(None, help="fishermask: identity | fisher start of the greedy (lamb I or lamb F; "
                                                 "default: what the mask records)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Memory to plan with, in bytes or e.g. "
+                                               "20GB / 16GiB (default: 60% of available RAM, 80% of free GPU "
+                                               "memory)."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms only (cuDNN "
+                                       "included), so a GPU rerun gives identical results; slower."),
     force: bool = typer.Option(False, help="Rerun even if the output exists with the same inputs."),
 ) -> None:
     """Select the next batch from the unlabeled pool with a registered strategy.
@@ -62,8 +69,10 @@ def query_command(
     options = {"lamb": lamb, "backward_steps": backward_steps, "float64": float64, "chunk_size": chunk_size,
                "precision": precision, "mc_samples": mc_samples, "joint_samples": joint_samples, "radius": radius,
                "clusters": clusters, "oversample": oversample, "cluster_cap": cluster_cap,
-               "embedding_rows": embedding_rows, "m0": m0}
-    with progress_callback() if distributed.is_main() else nullcontext(None) as progress:
+               "embedding_rows": embedding_rows, "m0": m0,
+               "memory_limit": parse_memory_size(memory_limit) if memory_limit else None}
+    with deterministic_algorithms(deterministic), \
+            progress_callback() if distributed.is_main() else nullcontext(None) as progress:
         result = run_query(ckpt=ckpt, out=out, strategy=strategy, batch=batch, pool_dir=pool, labeled=labeled,
                            mask=mask, seed=seed, device=device, options=options, force=force, progress=progress,
                            model=model, weights=weights, input_size=input_size,

@@ -6,6 +6,7 @@ import typer
 
 from fmask import distributed
 from fmask.cli import app
+from fmask.numerics import deterministic_algorithms
 from fmask.cli.ui import done, progress_callback
 from fmask.train.pretrained import parse_channel_values
 from fmask.train.recipe import make_train_config
@@ -58,6 +59,8 @@ def train_command(
                                                "it for their Monte Carlo dropout passes, e.g. 0.3."),
     val_fraction: float = typer.Option(0.0, help="Hold out this stratified share of the labeled set and measure "
                                        "accuracy on it (pools without a test set)."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms only (cuDNN "
+                                       "included), so a GPU rerun gives identical results; slower."),
     force: bool = typer.Option(False, help="Retrain even if the checkpoint exists with the same inputs."),
 ) -> None:
     """Train on the labeled set (from scratch, or from pretrained --weights), evaluate on the test split (or a
@@ -72,7 +75,8 @@ def train_command(
         batch_size=batch_size, max_epochs=epochs, target_train_accuracy=target_accuracy, grad_clamp=grad_clamp,
         augment=augment, seed=seed, precision=precision, channels_last=channels_last, compile=compile_model,
         stream=stream, mc_dropout=mc_dropout, val_fraction=val_fraction)
-    with progress_callback() if distributed.is_main() else nullcontext(None) as progress:
+    with deterministic_algorithms(deterministic), \
+            progress_callback() if distributed.is_main() else nullcontext(None) as progress:
         result = train(pool_dir=pool, labeled=labeled, out=out, config=config, device=device, force=force,
                        progress=progress)
     if not distributed.is_main():

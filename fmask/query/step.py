@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fmask import __version__, distributed, paths
-from fmask.device import resolve_device
+from fmask.device import memory_budget, resolve_device
 from fmask.errors import FmaskError
 from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_write_bytes, atomic_write_json, check_writable, output_lock,
                       read_json, seal_json, sha256_file, step_is_current)
-from fmask.query.base import ProgressFn, QueryContext
+from fmask.numerics import deterministic_enabled, exact_float32
+from fmask.query.base import ProgressFn, QueryContext, read_option
 from fmask.query.registry import get_strategy, list_strategies
 from fmask.train.checkpoint import open_round
 
@@ -79,6 +80,7 @@ def open_model_free(*, pool_dir: Optional[str | os.PathLike], labeled: Optional[
     return ModelFree(pool, Path(pool_dir), labeled_set, labeled_path, [int(i) for i in pool.ids if i not in taken])
 
 
+@exact_float32()  # scores rank candidates by small differences: no TF32 (see fmask.numerics)
 def run_query(*, ckpt: Optional[str | os.PathLike], out: str | os.PathLike, strategy: str, batch: int,
               pool_dir: Optional[str | os.PathLike] = None, labeled: Optional[str | os.PathLike] = None,
               mask: Optional[str | os.PathLike] = None, seed: int = 0, device: str = "auto",
@@ -136,6 +138,8 @@ def run_query(*, ckpt: Optional[str | os.PathLike], out: str | os.PathLike, stra
         inputs.update(weights=opened.backbone.weights.sha256, model=opened.backbone.model,
                       preprocessing=opened.backbone.preprocessing)
     step = {"inputs": inputs, "strategy": strategy, "batch": batch, "seed": seed, "options": options}
+    if deterministic_enabled():
+        step["deterministic"] = True
     # Under torchrun every rank runs the strategy (the Fisher-greedy ones shard their work); rank 0 alone locks,
     # decides whether the output is current and writes it. Single-process, main_decides just calls the function.
     with ExitStack() as held:
@@ -163,7 +167,8 @@ def run_query(*, ckpt: Optional[str | os.PathLike], out: str | os.PathLike, stra
                                labeled_ids=list(labeled_set.ids), unlabeled_ids=candidates, device=torch_device,
                                seed=seed, mask=mask_file, options=options, batch_size=batch_size, progress=progress)
         started = time.perf_counter()
-        selection = chosen.select(context, batch)
+        with memory_budget(read_option(options, "memory_limit", int, None)):  # --memory-limit: every plan uses it
+            selection = chosen.select(context, batch)
         seconds = time.perf_counter() - started
         check_selection(selection.ids, candidates, batch, strategy)
         if any(math.isnan(float(score)) for score in selection.scores):

@@ -173,6 +173,7 @@ def open_round(ckpt: str | os.PathLike, *, pool_dir: Optional[str | os.PathLike]
     (default: the one the checkpoint was trained on); ``weights`` replaces a head checkpoint's backbone file."""
     from fmask.label.labeled import load_labeled
     from fmask.pool.pool import load_pool
+    from fmask.threads import fit_threads_to_work
 
     checkpoint = load_checkpoint(ckpt, weights=weights)
     pool_dir = Path(pool_dir) if pool_dir is not None else Path(checkpoint.pool_dir)
@@ -182,6 +183,7 @@ def open_round(ckpt: str | os.PathLike, *, pool_dir: Optional[str | os.PathLike]
                          f"{pool_dir} has {pool.hash[:12]}); pass the --pool it was trained on")
     labeled_path = Path(labeled) if labeled is not None else Path(checkpoint.labeled_path)
     labeled_set = load_labeled(labeled_path, pool)
+    fit_threads_to_work(checkpoint.model, pool.image_shape, what=checkpoint.arch)  # the CLI's thread policy
     taken = set(labeled_set.ids)
     unlabeled = [int(i) for i in pool.ids if i not in taken]
     return Round(checkpoint, pool, pool_dir, labeled_set, labeled_path, unlabeled)

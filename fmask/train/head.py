@@ -39,6 +39,7 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, *, num_classes: int, 
     for epoch in range(1, config.max_epochs + 1):
         order = torch.randperm(n, generator=generator).to(device)
         correct = torch.zeros((), dtype=torch.long, device=device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # the epoch's summed losses (for progress)
         for start in range(0, n, config.batch_size):
             batch = order[start:start + config.batch_size]
             inputs = x[batch]
@@ -52,11 +53,13 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, *, num_classes: int, 
                 nn.utils.clip_grad_value_(head.parameters(), config.grad_clamp)
             optimizer.step()
             correct += (logits.argmax(1) == y[batch]).sum()
+            loss_sum += loss.detach().double() * len(batch)
         if schedule is not None:
             schedule.step()
         epochs, train_accuracy = epoch, int(correct) / max(n, 1)
         if progress is not None:
-            progress(f"training the head (train acc {train_accuracy:.3f})", epoch, config.max_epochs)
+            progress(f"training the head (epoch {epoch}, loss {float(loss_sum) / max(n, 1):.4f}, train acc "
+                     f"{train_accuracy:.3f})", epoch, config.max_epochs)
         if config.target_train_accuracy is not None and train_accuracy >= config.target_train_accuracy:
             break
     return head.eval(), {"epochs": epochs, "train_accuracy": train_accuracy}

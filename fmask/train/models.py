@@ -14,6 +14,26 @@ from fmask.errors import FmaskError
 HEAD_PREFIX = "head."
 
 
+def window_avg_pool2d(x: torch.Tensor, size: int) -> torch.Tensor:
+    """What F.adaptive_avg_pool2d(x, size) computes (output cell i averages rows floor(i·H/size) to
+    ceil((i+1)·H/size), likewise columns), from slices and means, whose backward is deterministic on GPUs."""
+    height, width = x.shape[-2:]
+
+    def windows(length: int) -> list[tuple[int, int]]:
+        return [(i * length // size, -(-(i + 1) * length // size)) for i in range(size)]
+
+    return torch.stack([torch.stack([x[..., r0:r1, c0:c1].mean((-2, -1)) for c0, c1 in windows(width)], -1)
+                        for r0, r1 in windows(height)], -2)
+
+
+def adaptive_avg_pool2d(x: torch.Tensor, size: int) -> torch.Tensor:
+    """F.adaptive_avg_pool2d, or under deterministic algorithms its deterministic equivalent: PyTorch's CUDA
+    backward of adaptive average pooling accumulates atomically and has no deterministic kernel."""
+    if torch.are_deterministic_algorithms_enabled():
+        return window_avg_pool2d(x, size)
+    return F.adaptive_avg_pool2d(x, size)
+
+
 class Classifier(nn.Module):
     """A feature body and a linear ``head``: forward(x) = head(head_dropout(forward_features(x))).
 
@@ -50,7 +70,7 @@ class SmallCNN(Classifier):
         x = F.relu(self.bn1(self.conv1(self.preprocess(x))))
         x = F.max_pool2d(x, 2) if min(x.shape[-2:]) >= 4 else x
         x = F.relu(self.bn2(self.conv2(x)))
-        x = F.adaptive_avg_pool2d(x, 2).flatten(1)
+        x = adaptive_avg_pool2d(x, 2).flatten(1)
         return F.relu(self.fc(x))
 
 

@@ -27,7 +27,9 @@ from fmask.errors import FmaskError
 from fmask.io import check_writable, output_lock, step_is_current
 from fmask.label.labeled import load_labeled
 from fmask.pool.pool import Pool, load_pool
+from fmask.numerics import deterministic_enabled
 from fmask.query.base import ProgressFn
+from fmask.threads import fit_threads_to_work
 from fmask.train.augment import (RESIDENT_SHARE, Normalizer, TrainBatches, autocast, device_images, draw_crop_flip,
                                  padded_nbytes, resolve_precision)
 from fmask.train.checkpoint import load_checkpoint, save_checkpoint
@@ -162,6 +164,7 @@ class TrainLoop:
         self.normalize = Normalizer(normalization["mean"], normalization["std"], device, config.channels_last)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.epochs_done = 0
+        self.last_loss = float("nan")
 
     def run_epoch(self) -> float:
         """Train one epoch over every labeled image in a fresh random order; returns its training accuracy."""
@@ -173,6 +176,8 @@ class TrainLoop:
         dy, dx, flips, order_on_device = (t.to(device) for t in (dy, dx, flips, order))
         batch_order = order if self.batches.stream else order_on_device
         correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no sync per step
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # this rank's per-sample losses, summed
+        trained = 0
         for batch_start in range(0, n, config.batch_size):
             batch_stop = min(batch_start + config.batch_size, n)
             # BatchNorm needs two samples (on every rank); the lone ones are seen next epoch.
@@ -198,12 +203,18 @@ class TrainLoop:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             correct += (logits.argmax(1) == labels).sum()
+            # The loss is a mean over the batch; under DDP this rank's part sum times W / batch size.
+            loss_sum += loss.detach().double() * ((batch_stop - batch_start) / self.world if self.world > 1
+                                                  else stop - start)
+            trained += batch_stop - batch_start
         if self.schedule is not None:
             self.schedule.step()
         self.epochs_done += 1
         self.model.eval()
         # Every rank must see the same accuracy, or they would stop at different epochs.
-        return int(distributed.all_reduce_sum(correct)) / max(n, 1)
+        totals = distributed.all_reduce_sum(torch.stack([correct.double(), loss_sum]))
+        self.last_loss = float(totals[1]) / max(trained, 1)  # mean training loss of the epoch (for progress)
+        return int(totals[0]) / max(n, 1)
 
 
 def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, pool: Pool, config: TrainConfig,
@@ -218,7 +229,8 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, pool
     for epoch in range(1, config.max_epochs + 1):
         train_accuracy = loop.run_epoch()
         if progress:
-            progress(f"training (train acc {train_accuracy:.3f})", epoch, config.max_epochs)
+            progress(f"training (epoch {epoch}, loss {loop.last_loss:.4f}, train acc {train_accuracy:.3f})", epoch,
+                     config.max_epochs)
         if config.target_train_accuracy is not None and train_accuracy >= config.target_train_accuracy:
             break
     return {"epochs": loop.epochs_done, "train_accuracy": train_accuracy}
@@ -269,6 +281,8 @@ def train(*, pool_dir: str | os.PathLike, labeled: Optional[str | os.PathLike], 
             raise FmaskError("--finetune head trains a linear head in seconds on one process; run it without torchrun")
     if distributed.world_size() > 1:  # DDP training gives other weights than one process: not the same step
         step["processes"] = distributed.world_size()
+    if deterministic_enabled():  # other algorithms on GPUs: not the same step (absent otherwise)
+        step["deterministic"] = True
     # Under torchrun every rank trains (DDP); rank 0 alone locks, decides whether the checkpoint is current and
     # writes. Single-process, main_decides just calls the function.
     with ExitStack() as held:
@@ -316,6 +330,7 @@ def _train_locked(out: Path, step: dict, pool: Pool, labeled_set, config: TrainC
     else:
         model = backbone.build(pool)
     model = set_head_dropout(model, config.mc_dropout).to(torch_device)
+    fit_threads_to_work(model, pool.image_shape, what=config.model)  # the CLI's thread policy (no-op otherwise)
     train_ids, validation_ids = validation_split(labeled_set.ids, labeled_set.labels, config.val_fraction, config.seed)
     label_of = dict(zip(labeled_set.ids, labeled_set.labels))
     images = pool.images(train_ids)  # host uint8; TrainLoop moves it to the device once unless streaming
