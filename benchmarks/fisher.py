@@ -37,7 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fmask.cpu_allocator import tune_cpu_allocator  # noqa: E402
-from fmask.fisher.grads import fisher_diagonal, masked_embeddings  # noqa: E402
+from fmask.fisher.grads import fisher_diagonal, masked_embeddings, plan_fisher_pass  # noqa: E402
 from fmask.fisher.mask import MaskColumns, mask_size, top_k_mask  # noqa: E402
 from fmask.train.models import build_model  # noqa: E402
 
@@ -143,7 +143,8 @@ def main() -> int:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--size", type=int, default=32, help="input height and width")
     parser.add_argument("--images", default=None, help="folder of <class>/*.jpg images instead of random inputs")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="samples per batch for (b) and (c) (default: fmask's plan, 64 on a CPU)")
     parser.add_argument("--sparsity", type=float, default=0.002)
     parser.add_argument("--no-head", action="store_true", help="plain global top-k")
     parser.add_argument("--seed", type=int, default=0)
@@ -165,11 +166,12 @@ def main() -> int:
     allocator = "tuned" if device.type == "cpu" and tune_cpu_allocator() else "default"
     model = make_model(args).to(device).eval()
     x = load_inputs(args, generator).to(device)
+    args.batch_size = plan_fisher_pass(model, tuple(x.shape[1:]), device=device, batch_size=args.batch_size).batch_size
     names, params = zip(*model.named_parameters())
     n_params = sum(p.numel() for p in params)
     k = mask_size(args.sparsity, n_params)
     print(f"model {args.model}: {n_params:,} parameters, k={k}; {args.n} inputs {tuple(x.shape[1:])}; "
-          f"{args.classes} classes; device {device}; torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, {allocator} malloc")
+          f"{args.classes} classes; batch {args.batch_size}; device {device}; torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, {allocator} malloc")
 
     # Warm-up on a few samples so that lazy initialisation is not timed.
     floor(model, x[:2], args.batch_size)

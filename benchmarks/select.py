@@ -110,9 +110,12 @@ def main() -> None:
     phase_end: dict[str, float] = {}  # when each phase of the engine last reported progress
 
     def progress(task: str, done: int, total: int) -> None:
+        sync()  # a phase ends when its GPU work has, not when its last kernel was queued
         phase_end[task] = time.perf_counter()
 
     sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     result = fisher_greedy_detailed(pool, args.batch, labeled, lamb=args.lamb, progress=progress)
     sync()
@@ -127,6 +130,8 @@ def main() -> None:
         previous = end
     if device.type == "cpu":
         print(f"process max RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    elif device.type == "cuda":
+        print(f"peak GPU memory allocated: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
     if args.skip_dense:
         return
 

@@ -26,6 +26,7 @@ from fmask.fisher.grads import DEFAULT_BATCH_SIZE, fisher_diagonal, masked_embed
 from fmask.fisher.mask import MaskColumns
 from fmask.fisher.step import (EMBED_DTYPES, EMBEDDINGS_KIND, FISHER, FisherResult, embeddings_step, load_mask,
                                mask_artifact, prepare_fisher, run_fisher, stratified_subsample)
+from fmask.numerics import exact_float32
 from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_save_safetensors, check_writable, output_lock,
                       read_safetensors_rows, safetensors_shapes, step_is_current)
 from fmask.query.base import ProgressFn
@@ -114,6 +115,7 @@ def _cached_embeddings_current(cache: Path, step: dict, dtype: Optional[str], nu
             and unlabeled[0] == num_unlabeled and labeled[0] == num_labeled and unlabeled[2] == k)
 
 
+@exact_float32()
 def run_fisher_distributed(
     *,
     ckpt: str | os.PathLike,
@@ -127,7 +129,7 @@ def run_fisher_distributed(
     device: str = "auto",
     embed_dtype: str = "float32",
     embeddings: bool = True,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: Optional[int] = None,
     embedding_rows: str = "scaled",
     m0: str = "identity",
     force: bool = False,
@@ -148,6 +150,8 @@ def run_fisher_distributed(
                            batch_size=batch_size, embedding_rows=embedding_rows, m0=m0)
     checkpoint, pool, model, torch_device = setup.checkpoint, setup.pool, setup.model, setup.device
     unlabeled, labeled_ids, subsample, step = setup.unlabeled, setup.labeled_ids, setup.subsample, setup.step
+    # Shards are whole batches, so every rank must batch alike: the smallest batch any rank's memory allows.
+    batch_size = int(distributed.all_gather_concat(torch.tensor([setup.batch_size])).min())
     cache = paths.embeddings_cache(out)
     with ExitStack() as held:
         def lock_and_check() -> bool:

@@ -124,8 +124,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def json_bytes(obj: Any) -> bytes:
+    """How fmask writes every JSON artifact."""
+    return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
@@ -229,6 +234,37 @@ def read_safetensors_rows(path: str | os.PathLike, rows: dict[str, tuple[int, in
     path = Path(path)
     with _open_safetensors(path, what, made_by) as handle, _safetensors_errors(path, what, made_by):
         return {name: handle.get_slice(name)[start:stop].clone() for name, (start, stop) in rows.items()}
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def mmap_safetensors(path: str | os.PathLike, *, what: str, made_by: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a safetensors file as views of a private memory map of it (pages are read when touched and
+    never written back), and its metadata: a cache larger than RAM costs only the rows that are used."""
+    import numpy as np
+
+    path = Path(path)
+    _require_file(path, what, made_by)
+    with _safetensors_errors(path, what, made_by):
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+        data = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, the file untouched
+        metadata = dict(header.pop("__metadata__", None) or {})
+        tensors = {}
+        for name, entry in header.items():
+            try:
+                start, stop = (8 + size + int(offset) for offset in entry["data_offsets"])
+                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            except (KeyError, TypeError) as exc:
+                raise ValueError(f"malformed header entry {name!r}") from exc
+            if stop > len(data) or start > stop:
+                raise ValueError(f"{name!r} lies outside the file (truncated)")
+            flat = torch.from_numpy(data[start:stop]) if stop > start else torch.empty(0, dtype=torch.uint8)
+            tensors[name] = flat.view(dtype).reshape(entry["shape"])
+    return tensors, metadata
 
 
 def read_torch(path: str | os.PathLike, *, what: str, made_by: str) -> dict:

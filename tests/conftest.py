@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
+
+# Tiny models run faster on one thread than on two contending ones, and the suite stays deterministic. Set
+# before torch starts; the CLI's thread policy then leaves the count alone (a user-set variable), as it would for
+# a user who pinned it. Tests of the policy clear the variable themselves.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 from typer.testing import CliRunner
 
 from fmask.cli import app
+from fmask.cli.ui import PROGRESS_LINE
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_CIFAR10 = SHARED / "datasets" / "cifar10"
@@ -29,9 +37,10 @@ def snapshot(directory: Path) -> dict[str, str]:
 
 
 def refused_line(result) -> str:
-    """The one error line of a refused command (exit 2, no traceback)."""
+    """The one error line of a refused command (exit 2, no traceback). Progress lines of work done before the
+    failure (stderr is not a terminal here, so progress is written as lines) are not error output."""
     assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not PROGRESS_LINE.fullmatch(line)]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.stderr
     return lines[0]
 
@@ -47,6 +56,16 @@ def tiny_run(tmp_path_factory) -> Path:
                     "--device", "cpu", "--out", root / "round0.pt")
     assert result.exit_code == 0, result.output
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dropout_ckpt(tiny_run: Path, tmp_path_factory) -> Path:
+    """A round-0 checkpoint of the tiny pool trained with dropout before the head (bald, batchbald)."""
+    out = tmp_path_factory.mktemp("tiny_dropout") / "round0.pt"
+    result = invoke("train", "--pool", tiny_run / "pool", "--model", "cnn", "--epochs", "3", "--batch-size", "16",
+                    "--device", "cpu", "--mc-dropout", "0.3", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
 
 
 @pytest.fixture

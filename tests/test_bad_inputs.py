@@ -11,6 +11,7 @@ import shutil
 import pytest
 import torch
 
+from fmask import paths
 from fmask.io import seal_json
 from tests.conftest import TINY_COUNTS, invoke, refused_line, snapshot
 
@@ -161,8 +162,8 @@ CASES = [
     ("missing-pool", lambda r: ["train", "--pool", r / "nope", "--out", r / "x.pt"], "build-pool"),
     ("corrupt-manifest", lambda r: (r / "pool" / "manifest.json").write_text("{not json") and
      ["train", "--pool", r / "pool", "--out", r / "x.pt"], "manifest"),
-    ("truncated-image-cache", lambda r: truncated(r / "pool" / "images.safetensors") and
-     ["train", "--pool", r / "pool", "--out", r / "x.pt"], "images.safetensors"),
+    ("truncated-image-cache", lambda r: truncated(r / "pool" / paths.POOL_IMAGES) and
+     ["train", "--pool", r / "pool", "--out", r / "x.pt"], paths.POOL_IMAGES),
     ("unknown-model", lambda r: ["train", "--pool", r / "pool", "--model", "vgg99", "--out", r / "x.pt"], "model"),
     ("unknown-torchvision-model", lambda r: ["train", "--pool", r / "pool", "--model", "torchvision:nope",
                                              "--out", r / "x.pt"], "torchvision"),
@@ -213,7 +214,7 @@ CASES = [
                                                      json.loads(q.read_text())["selected"][0]))], "conflicting"),
     ("plot-nothing", lambda r: ["plot", r / "pool"], "metrics.csv"),
     # Bits flipped on disk: caught by the image cache's hash, the JSON seals, the checkpoint's zip checksums.
-    ("bit-flipped-image-cache", lambda r: bit_flipped_zip(r / "pool" / "images.safetensors") and
+    ("bit-flipped-image-cache", lambda r: bit_flipped_zip(r / "pool" / paths.POOL_IMAGES) and
      ["train", "--pool", r / "pool", "--out", r / "x.pt"], "does not match its manifest"),
     ("bit-flipped-manifest-normalization", lambda r: flip_last_digit(r / "pool" / "manifest.json", "mean") and
      ["train", "--pool", r / "pool", "--out", r / "x.pt"], "changed after fmask wrote it"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fmask.errors import FmaskError
 from fmask.label.labeled import load_labeled
 from fmask.pool.pool import load_pool
 from fmask.query.base import QueryContext
@@ -14,8 +15,8 @@ from fmask.train.checkpoint import load_checkpoint
 BATCH = 12
 
 
-def make_context(tiny_run, strategy, seed: int) -> QueryContext:
-    checkpoint = load_checkpoint(tiny_run / "round0.pt")
+def make_context(tiny_run, strategy, seed: int, ckpt=None) -> QueryContext:
+    checkpoint = load_checkpoint(ckpt or tiny_run / "round0.pt")
     pool = load_pool(tiny_run / "pool")
     labeled = load_labeled(tiny_run / "pool" / "labeled.json", pool)
     mask = None
@@ -35,19 +36,45 @@ def test_registry_lists_the_baselines():
 
 
 @pytest.mark.parametrize("name", list_strategies())
-def test_strategy_contract(name, tiny_run):
+def test_strategy_contract(name, tiny_run, request):
     strategy = get_strategy(name)
-    ctx = make_context(tiny_run, strategy, seed=7)
+    # bald and batchbald need a checkpoint trained with --mc-dropout; the others get the plain one.
+    ckpt = request.getfixturevalue("tiny_dropout_ckpt") if strategy.needs_mc_dropout else None
+    ctx = make_context(tiny_run, strategy, seed=7, ckpt=ckpt)
     first = strategy.select(ctx, BATCH)
     assert len(first.ids) == BATCH and len(set(first.ids)) == BATCH
     assert set(first.ids) <= set(ctx.unlabeled_ids)
     assert not set(first.ids) & set(ctx.labeled_ids)
     assert len(first.scores) == BATCH and all(s == s for s in first.scores)  # no NaN
-    again = get_strategy(name).select(make_context(tiny_run, strategy, seed=7), BATCH)
+    again = get_strategy(name).select(make_context(tiny_run, strategy, seed=7, ckpt=ckpt), BATCH)
     assert again.ids == first.ids  # reproducible under a seed
     # The whole unlabeled pool can be asked for.
-    everything = strategy.select(make_context(tiny_run, strategy, seed=7), len(ctx.unlabeled_ids))
+    everything = strategy.select(make_context(tiny_run, strategy, seed=7, ckpt=ckpt), len(ctx.unlabeled_ids))
     assert sorted(everything.ids) == sorted(ctx.unlabeled_ids)
+
+
+@pytest.mark.parametrize("name", [n for n in list_strategies() if get_strategy(n).needs_labels])
+def test_strategies_that_need_a_trained_head_refuse_an_empty_labeled_set(name, tiny_run, request):
+    strategy = get_strategy(name)
+    ckpt = request.getfixturevalue("tiny_dropout_ckpt") if strategy.needs_mc_dropout else None
+    ctx = make_context(tiny_run, strategy, seed=7, ckpt=ckpt)
+    ctx.unlabeled_ids, ctx.labeled_ids = sorted(ctx.unlabeled_ids + ctx.labeled_ids), []
+    with pytest.raises(FmaskError, match="labeled set is empty") as refused:
+        strategy.select(ctx, BATCH)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("name", ["typiclust", "probcover", "kcenter", "random"])
+def test_cold_start_strategies_select_without_labels(name, tiny_run):
+    strategy = get_strategy(name)
+    ctx = make_context(tiny_run, strategy, seed=3)
+    ctx.unlabeled_ids, ctx.labeled_ids = sorted(ctx.unlabeled_ids + ctx.labeled_ids), []
+    selection = strategy.select(ctx, BATCH)
+    assert len(set(selection.ids)) == BATCH and set(selection.ids) <= set(ctx.unlabeled_ids)
+
+
+def test_the_new_strategies_are_registered():
+    assert {"bald", "batchbald", "typiclust", "probcover", "cluster-margin"} <= set(list_strategies())
 
 
 def test_uncertainty_scores_order():

@@ -12,7 +12,8 @@ from fmask.label.export import run_export
 @app.command("export")
 def export_command(
     query: Path = typer.Option(..., help="Selected-index JSON from `fmask query`."),
-    out: Path = typer.Option(..., help="Directory to write the batch into (must not exist, or be empty)."),
+    out: Optional[Path] = typer.Option(None, help="Directory to write the batch into (must not exist, or be empty); "
+                                       "optional with --project."),
     ckpt: Optional[Path] = typer.Option(None, help="Checkpoint for the model's guesses (default: the one the query "
                                         "records; its hash must match)."),
     pool: Optional[Path] = typer.Option(None, help="Pool directory (default: the one the query records)."),
@@ -24,11 +25,27 @@ def export_command(
     columns: Optional[int] = typer.Option(None, help="Tiles per row of the contact sheet (default: about square)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda (for the model's guesses)."),
     force: bool = typer.Option(False, help="Replace an earlier export in --out."),
+    label_studio: Optional[str] = typer.Option(None, "--label-studio", help="Address of a running Label Studio "
+                                               "(default: $LABEL_STUDIO_URL); the token is read from "
+                                               "$LABEL_STUDIO_API_KEY only."),
+    project: Optional[str] = typer.Option(None, help="Push the batch into this Label Studio project (exact title; "
+                                          "made if missing): images uploaded, one task per sample, the model's "
+                                          "guess as a prediction. Pushing a query again adds nothing."),
 ) -> None:
-    """Write a query's batch for annotators: PNGs, a CSV manifest, a contact sheet and Label Studio files."""
+    """Write a query's batch for annotators (PNGs, a CSV manifest, a contact sheet, Label Studio files) and/or push
+    it to a running Label Studio."""
     with progress_callback() as progress:
         result = run_export(query=query, out=out, ckpt=ckpt, pool_dir=pool, image_root=image_root,
-                            url_prefix=url_prefix, columns=columns, device=device, force=force, progress=progress)
-    width, height = result.contact_sheet_size
-    done(f"exported {len(result.ids)} images to {result.out}: {paths.EXPORT_MANIFEST_CSV} (fill in its label column), "
-         f"{paths.CONTACT_SHEET_PNG} ({width}x{height}), {paths.LABEL_STUDIO_TASKS}, {paths.LABEL_STUDIO_CONFIG}")
+                            url_prefix=url_prefix, columns=columns, device=device, force=force,
+                            label_studio_url=label_studio, project=project, progress=progress)
+    if result.out is not None and result.contact_sheet_size is not None:
+        width, height = result.contact_sheet_size
+        done(f"exported {len(result.ids)} images to {result.out}: {paths.EXPORT_MANIFEST_CSV} (fill in its label "
+             f"column), {paths.CONTACT_SHEET_PNG} ({width}x{height}), {paths.LABEL_STUDIO_TASKS}, "
+             f"{paths.LABEL_STUDIO_CONFIG}")
+    pushed = result.label_studio
+    if pushed is not None:
+        made = "made project" if pushed.created else "project"
+        done(f"Label Studio {made} {pushed.project!r} (id {pushed.project_id}) at {pushed.url}: {pushed.added} new "
+             f"tasks, {len(pushed.task_ids) - pushed.added} already there; label them, then run `fmask label "
+             f"--query {query} --project {pushed.project!r} --out NEXT.json`")

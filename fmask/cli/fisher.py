@@ -7,8 +7,9 @@ from rich.table import Table
 
 from fmask import distributed
 from fmask.cli import app
-from fmask.cli.ui import console, done, progress_callback
-from fmask.fisher.grads import DEFAULT_BATCH_SIZE
+from fmask.device import memory_budget, parse_memory_size
+from fmask.numerics import deterministic_algorithms
+from fmask.cli.ui import done, progress_callback, show
 from fmask.fisher.profile import mask_profile_from_file
 from fmask.distributed_fisher import run_fisher_distributed
 from fmask.fisher.step import EMBED_DTYPES
@@ -29,18 +30,27 @@ def fisher_command(
     embed_dtype: str = typer.Option("float32", help=f"Embedding cache dtype: {' | '.join(EMBED_DTYPES)}."),
     embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings",
                                     help="Also compute the masked gradient embeddings `fmask query` uses."),
-    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, help="Samples per forward/backward chunk (memory bound)."),
+    batch_size: Optional[int] = typer.Option(None, help="Samples per forward/backward chunk (default: 64 on a CPU; "
+                                                        "on a GPU as many as half the usable memory holds, at most "
+                                                        "1024)."),
     embedding_rows: str = typer.Option("scaled", help="Embedding rows: scaled (sqrt(p_y) grad log p_y, the paper's "
                                                       "text) | unscaled (grad log p_y, the authors' code)."),
     m0: str = typer.Option("identity", help="Recorded for `fmask query`: the greedy starts from lamb I (identity, "
                                             "the authors' code) or lamb F (fisher, the paper's eq. 2)."),
     profile: bool = typer.Option(False, "--profile", help="Print the share of masked parameters per layer."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Memory to plan with, in bytes or e.g. "
+                                               "20GB / 16GiB (default: 60% of available RAM, 80% of free GPU "
+                                               "memory)."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms only (cuDNN "
+                                       "included), so a GPU rerun gives identical results; slower."),
     force: bool = typer.Option(False, help="Recompute even if the mask exists with the same inputs."),
 ) -> None:
     """Rank every parameter by its exact diagonal Fisher on the unlabeled pool and keep the top k (FisherMask)."""
+    budget = parse_memory_size(memory_limit) if memory_limit else None
     distributed.init_from_env(device)  # under torchrun: shard the pool; rank 0 alone writes and prints
-    with progress_callback() if distributed.is_main() else nullcontext(None) as progress:
+    with deterministic_algorithms(deterministic), memory_budget(budget), \
+            progress_callback() if distributed.is_main() else nullcontext(None) as progress:
         result = run_fisher_distributed(ckpt=ckpt, out=out, pool_dir=pool, labeled=labeled, sparsity=sparsity,
                                         samples=samples, head=head, seed=seed, device=device, embed_dtype=embed_dtype,
                                         embeddings=embeddings, batch_size=batch_size, embedding_rows=embedding_rows,
@@ -56,7 +66,7 @@ def fisher_command(
             table.add_column(column, justify="left" if column == "layer" else "right")
         for row in mask_profile_from_file(result.out):
             table.add_row(row.layer, f"{row.parameters:,}", f"{row.masked:,}", f"{100 * row.share:.3f}%")
-        console.print(table)
+        show(table)
     verb = "unchanged, skipped" if result.skipped else f"written in {result.seconds:.1f} s"
     where = f"; embeddings cached in {result.embeddings}" if result.embeddings else ""
     done(f"mask {result.out} {verb}: k={result.k:,} of {result.num_parameters:,} parameters "

@@ -17,7 +17,7 @@ def plot_command(
     """Learning curves (mean ± std over seeds) and a summary table for every run below RESULTS."""
     result = run_plot(results_dir=results, out_dir=out, target_accuracy=target_accuracy)
     print_table(summary_for_display(result.summary), "Final accuracy and area under the learning curve (mean over runs)")
-    for note in summary_notes(result.summary):
+    for note in [*summary_notes(result.summary), *result.notes]:
         done(f"note: {note}")
     for figure in result.figures:
         done(f"figure {figure}")

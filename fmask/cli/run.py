@@ -4,6 +4,7 @@ from typing import Optional
 import typer
 
 from fmask.cli import app
+from fmask.numerics import deterministic_algorithms
 from fmask.cli.ui import done, progress_callback
 from fmask.run.experiment import PRESETS, config_from_options, run_experiment
 
@@ -35,6 +36,8 @@ def run_command(
     m0: Optional[str] = typer.Option(None, help="fishermask's greedy start: identity (lamb I) | fisher (lamb F)."),
     test_per_class: Optional[int] = typer.Option(None, help="Subsample the test split per class."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms only (cuDNN "
+                                       "included), so a GPU rerun gives identical results; slower."),
 ) -> None:
     """Run (or resume) strategies × seeds × rounds of the staged steps under one results directory."""
     overrides = dict(dataset=dataset, root=root, download=download, setting=setting,
@@ -43,7 +46,7 @@ def run_command(
                      embedding_rows=embedding_rows, m0=m0,
                      test_per_class=test_per_class, device=device)
     experiment = config_from_options(preset=preset, small=small, config_file=config, overrides=overrides)
-    with progress_callback() as progress:
+    with deterministic_algorithms(deterministic), progress_callback() as progress:
         run_experiment(out=out, config=experiment, progress=progress,
                        on_step=lambda what, done_, total: progress(f"run: {what}", done_, total))
     done(f"results in {out}: {len(experiment.strategies)} strategies × {len(experiment.seeds)} seeds × "

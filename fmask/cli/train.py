@@ -6,7 +6,10 @@ import typer
 
 from fmask import distributed
 from fmask.cli import app
+from fmask.numerics import deterministic_algorithms
 from fmask.cli.ui import done, progress_callback
+from fmask.train.pretrained import parse_channel_values
+from fmask.train.recipe import make_train_config
 from fmask.train.trainer import TrainConfig, train
 
 
@@ -15,13 +18,35 @@ def train_command(
     pool: Path = typer.Option(..., help="Pool directory from `fmask build-pool`."),
     out: Path = typer.Option(..., help="Checkpoint (.pt) to write."),
     labeled: Optional[Path] = typer.Option(None, help="Labeled set JSON (default: the pool's round-0 set)."),
-    model: str = typer.Option("resnet18", help="resnet18 | cnn | torchvision:NAME"),
-    epochs: int = typer.Option(100, help="Epoch cap."),
-    target_accuracy: float = typer.Option(0.99, help="Stop once an epoch reaches this training accuracy."),
-    lr: float = typer.Option(1e-3, help="Adam learning rate."),
+    model: str = typer.Option("resnet18", help="resnet18 | cnn | torchvision:NAME | timm:NAME (timm needs "
+                                               "pip install 'fmask\\[timm]')."),
+    weights: Optional[str] = typer.Option(None, help="Pretrained weights: a .safetensors/.pt/.pth state dict, or "
+                                                     "`default` (the library's own, from its cache)."),
+    finetune: str = typer.Option("full", help="full: train every weight | head: a linear head on the frozen "
+                                              "backbone's cached features (needs --weights)."),
+    input_size: Optional[int] = typer.Option(None, help="Resize inputs on the device to this size (default: the "
+                                                        "weights' config; the pool's size for resnet18/cnn)."),
+    mean: Optional[str] = typer.Option(None, help="The backbone's normalisation mean, e.g. 0.485,0.456,0.406 "
+                                                  "(default: the weights' config, ImageNet's for a plain file)."),
+    std: Optional[str] = typer.Option(None, help="The backbone's normalisation std (default: as --mean)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs, a cap while --target-accuracy is on (default: 100; "
+                                                    "10 with --weights, 30 with --finetune head)."),
+    target_accuracy: Optional[float] = typer.Option(None, help="Stop once an epoch reaches this training accuracy "
+                                                               "(default: 0.99; off with --weights)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (the head's with --backbone-lr-scale) "
+                                                  "(default: 1e-3)."),
+    backbone_lr_scale: Optional[float] = typer.Option(None, help="Backbone learning rate = lr x this (default: 1; "
+                                                                 "0.1 with --weights)."),
+    optimizer: Optional[str] = typer.Option(None, help="adam | adamw (default: adam; adamw with --weights)."),
+    schedule: Optional[str] = typer.Option(None, help="constant | cosine (per epoch) (default: constant; cosine "
+                                                      "with --weights)."),
+    weight_decay: Optional[float] = typer.Option(None, help="Weight decay (default: 0; 0.01 with --weights)."),
     batch_size: int = typer.Option(64, help="Training batch size."),
-    grad_clamp: float = typer.Option(0.1, help="Clamp each gradient entry to ±value (0 disables)."),
-    augment: bool = typer.Option(True, help="Random crop + flip (flip only where the dataset allows)."),
+    grad_clamp: Optional[float] = typer.Option(None, help="Clamp each gradient entry to ±value, 0 disables "
+                                                          "(default: 0.1; off with --weights)."),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment",
+                                           help="Random crop + flip, flip only where the dataset allows (default: "
+                                                "on; off with --finetune head)."),
     seed: int = typer.Option(0, help="Seed for initialisation, batches and augmentation."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (autocast); auto: bf16 on GPUs that "
@@ -30,17 +55,28 @@ def train_command(
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model for the training steps."),
     stream: bool = typer.Option(False, "--stream", help="Stream batches from host memory instead of keeping the "
                                                         "images on the device (automatic when they do not fit)."),
+    mc_dropout: float = typer.Option(0.0, help="Dropout rate before the head (0: none); bald and batchbald need "
+                                               "it for their Monte Carlo dropout passes, e.g. 0.3."),
+    val_fraction: float = typer.Option(0.0, help="Hold out this stratified share of the labeled set and measure "
+                                       "accuracy on it (pools without a test set)."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms only (cuDNN "
+                                       "included), so a GPU rerun gives identical results; slower."),
     force: bool = typer.Option(False, help="Retrain even if the checkpoint exists with the same inputs."),
 ) -> None:
-    """Train from scratch on the labeled set, evaluate on the test split, write a checkpoint.
+    """Train on the labeled set (from scratch, or from pretrained --weights), evaluate on the test split (or a
+    held-out part), write a checkpoint.
 
     Under `torchrun --nproc-per-node K -m fmask train ...` it trains with DistributedDataParallel."""
     distributed.init_from_env(device)
-    config = TrainConfig(model=model, lr=lr, batch_size=batch_size, max_epochs=epochs,
-                         target_train_accuracy=target_accuracy, grad_clamp=grad_clamp or None, augment=augment,
-                         seed=seed, precision=precision, channels_last=channels_last, compile=compile_model,
-                         stream=stream)
-    with progress_callback() if distributed.is_main() else nullcontext(None) as progress:
+    config = make_train_config(
+        TrainConfig, model=model, weights=weights, finetune=finetune, input_size=input_size,
+        mean=parse_channel_values(mean, "--mean"), std=parse_channel_values(std, "--std"), lr=lr,
+        backbone_lr_scale=backbone_lr_scale, optimizer=optimizer, schedule=schedule, weight_decay=weight_decay,
+        batch_size=batch_size, max_epochs=epochs, target_train_accuracy=target_accuracy, grad_clamp=grad_clamp,
+        augment=augment, seed=seed, precision=precision, channels_last=channels_last, compile=compile_model,
+        stream=stream, mc_dropout=mc_dropout, val_fraction=val_fraction)
+    with deterministic_algorithms(deterministic), \
+            progress_callback() if distributed.is_main() else nullcontext(None) as progress:
         result = train(pool_dir=pool, labeled=labeled, out=out, config=config, device=device, force=force,
                        progress=progress)
     if not distributed.is_main():
@@ -49,5 +85,11 @@ def train_command(
         typer.echo(f"note: {note}", err=True)
     m = result.metrics
     verb = "unchanged, skipped" if result.skipped else "written"
-    done(f"checkpoint {result.checkpoint} {verb}: {m['labeled']} labeled, test accuracy {m['accuracy']:.4f}, "
-         f"balanced {m['balanced_accuracy']:.4f} ({m['epochs']} epochs, train acc {m['train_accuracy']:.3f})")
+    measured = m.get("evaluated_on", "test")
+    if m["accuracy"] is None:
+        quality = "no test set, accuracy not measured (build the pool with --test, or train with --val-fraction)"
+    else:
+        where = f"validation ({m.get('validation_samples')} held out)" if measured == "validation" else "test"
+        quality = f"{where} accuracy {m['accuracy']:.4f}, balanced {m['balanced_accuracy']:.4f}"
+    done(f"checkpoint {result.checkpoint} {verb}: {m['labeled']} labeled, {quality} ({m['epochs']} epochs, "
+         f"train acc {m['train_accuracy']:.3f})")

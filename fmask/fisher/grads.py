@@ -31,13 +31,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fmask.cpu_allocator import tune_cpu_allocator
+from fmask.device import usable_memory_bytes
 from fmask.errors import FmaskError
 from fmask.fisher.mask import MaskColumns
 
@@ -45,9 +46,13 @@ ProgressFn = Callable[[str, int, int], None]
 # Either the inputs themselves (N, ...) or a loader mapping positions 0..N-1 to an input batch.
 InputSource = Union[torch.Tensor, Callable[[Sequence[int]], torch.Tensor]]
 
-DEFAULT_BATCH_SIZE = 64
-# Upper bound on the elements of any per-sample intermediate (per-sample gradients, unfolded inputs).
+DEFAULT_BATCH_SIZE = 64  # on a CPU: cache-sized work (see plan_fisher_pass for accelerators)
+# Upper bound on the elements of any per-sample intermediate (per-sample gradients, unfolded inputs), on a CPU.
 DEFAULT_MAX_ELEMENTS = 1 << 22
+# On an accelerator, launches are what costs: batches of up to MAX_DEVICE_BATCH samples and intermediates of up
+# to MAX_DEVICE_ELEMENTS elements (1 GiB of float32), as far as the memory fmask may use there allows.
+MAX_DEVICE_BATCH = 1024
+MAX_DEVICE_ELEMENTS = 1 << 28
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -119,6 +124,7 @@ class _Tap(ABC):
         self.modified_in_place = False
         self.cols: dict[str, tuple[torch.Tensor, int, int]] = {}
         self.cache: dict = {}  # per-batch values reused by the r backward passes; cleared with the input
+        self.static: dict = {}  # per-mask index tensors (built once, reused by every batch of the same shapes)
 
     @property
     def names(self) -> list[str]:
@@ -127,6 +133,7 @@ class _Tap(ABC):
     def prepare(self, columns: Optional[MaskColumns], device: torch.device) -> None:
         """Keep the masked flat indices and column ranges of this layer's parameters."""
         self.cols = {}
+        self.static.clear()
         if columns is None:
             return
         for name in self.names:
@@ -262,19 +269,21 @@ class _LinearTap(_Tap):
         if idx.numel() == 0:
             return
         width = a.shape[2]
-        rows, cols = idx // width, idx % width
+        key = ("linear", width, g.shape[2], a.shape[1])
+        if key not in self.static:  # once per mask: the masked entries' rows and columns, the pair structure
+            rows, cols = idx // width, idx % width
+            dots = _PairDots(rows, cols, g.shape[2], a.shape[1]) if a.shape[1] > 1 else None
+            self.static[key] = (rows, cols, dots)
+        rows, cols, dots = self.static[key]
         if a.shape[1] == 1:
             # index_select, not advanced indexing (about 15x slower here); the input's columns serve all r classes.
             if "input_cols" not in self.cache:
                 self.cache["input_cols"] = a[:, 0].index_select(1, cols)
-                self.cache["rows"] = rows
-            torch.mul(g[:, 0].index_select(1, self.cache["rows"]), self.cache["input_cols"], out=out[:, start:end])
+            torch.mul(g[:, 0].index_select(1, rows), self.cache["input_cols"], out=out[:, start:end])
             return
-        if "dots" not in self.cache:
-            dots = _PairDots(rows, cols, g.shape[2], a.shape[1])
-            self.cache["dots"] = dots
+        if "right" not in self.cache:
             self.cache["right"] = a.transpose(1, 2).index_select(1, dots.ucols)
-        self.cache["dots"](g.transpose(1, 2), self.cache["right"], out[:, start:end], max_elements)
+        dots(g.transpose(1, 2), self.cache["right"], out[:, start:end], max_elements)
 
 
 class _Conv2dTap(_Tap):
@@ -307,10 +316,10 @@ class _Conv2dTap(_Tap):
         return F.unfold(a, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
 
     def _unfolded_rows(self, a: torch.Tensor, padding: tuple[int, int], start: int, end: int,
-                       positions: int) -> torch.Tensor:
+                       positions: int, max_elements: int) -> torch.Tensor:
         """(end-start, G, L, C/G·kh·kw): the unfolded input of samples start..end, one row per output position
-        (L = positions). When the whole batch's fits in KEEP_UNFOLDED elements it is formed once and reused by all
-        r passes."""
+        (L = positions). When the whole batch's fits in KEEP_UNFOLDED elements (or 4 x max_elements, when larger:
+        a GPU's plan) it is formed once and reused by all r passes."""
         m = self.module
         per_group_in = m.weight[0].numel()
 
@@ -319,7 +328,7 @@ class _Conv2dTap(_Tap):
             cols = cols.reshape(part.shape[0], m.groups, per_group_in, cols.shape[-1])
             return cols.transpose(2, 3).contiguous()
 
-        if a.shape[0] * m.groups * per_group_in * positions > self.KEEP_UNFOLDED:
+        if a.shape[0] * m.groups * per_group_in * positions > max(self.KEEP_UNFOLDED, 4 * max_elements):
             return rows_of(a[start:end])
         if "unfolded" not in self.cache:
             self.cache["unfolded"] = rows_of(a)
@@ -345,7 +354,7 @@ class _Conv2dTap(_Tap):
             # class's per-sample gradients are one batched matmul (faster than the grouped kernel there).
             total = None
             for s, e in _sample_chunks(n, max(numel, per_group_in * positions), max_elements):
-                cols = self._unfolded_rows(a, padding, s, e, positions)[:, 0]
+                cols = self._unfolded_rows(a, padding, s, e, positions, max_elements)[:, 0]
                 part = torch.bmm(g[s:e].reshape(e - s, out_ch, positions), cols).square_().sum(0)
                 total = part if total is None else total.add_(part)
             _accumulate(acc, self.weight_name, total)
@@ -375,7 +384,7 @@ class _Conv2dTap(_Tap):
         per_sample = per_group_in * groups * positions + (numel if batched else 0)
         for s, e in _sample_chunks(n, per_sample, max_elements):
             k = e - s
-            cols = self._unfolded_rows(a, padding, s, e, positions)
+            cols = self._unfolded_rows(a, padding, s, e, positions, max_elements)
             grads = g[s:e].reshape(k, groups, out_ch // groups, positions)
             if batched:
                 total += torch.matmul(grads, cols).square_().sum(0)
@@ -413,18 +422,20 @@ class _Conv2dTap(_Tap):
         if idx.numel() == 0:
             return
         positions = g3.shape[2]
-        if "dots" not in self.cache:
-            per_group_in = m.weight[0].numel()
-            rows = idx // per_group_in
-            # Unfolded rows run over (channel, kh, kw) of all input channels; group q's block starts at q·per_group_in.
-            cols = (rows // (out_ch // m.groups)) * per_group_in + idx % per_group_in
-            dots = _PairDots(rows, cols, out_ch, positions)
+        if "flat_input" not in self.cache:
             a, padding = self._prepared_input()
             a = F.pad(a, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else a
-            flat = self._patch_index(dots, a.shape[1:], tuple(g.shape[2:]))
-            self.cache["dots"] = dots
+            key = ("conv", tuple(a.shape[1:]), tuple(g.shape[2:]))
+            if key not in self.static:  # once per mask (and input size): pair structure and patch positions
+                per_group_in = m.weight[0].numel()
+                rows = idx // per_group_in
+                # Unfolded rows run over (channel, kh, kw) of all input channels; group q's starts at q·per_group_in.
+                cols = (rows // (out_ch // m.groups)) * per_group_in + idx % per_group_in
+                dots = _PairDots(rows, cols, out_ch, positions)
+                self.static[key] = (dots, self._patch_index(dots, a.shape[1:], tuple(g.shape[2:])))
+            self.cache["dots"], self.cache["patch_index"] = self.static[key]
             self.cache["flat_input"] = a.reshape(n, -1)
-            self.cache["patch_index"] = flat
+            flat = self.cache["patch_index"]
             if n * flat.numel() <= max_elements:  # the masked patches of the whole batch, kept for all r classes
                 self.cache["patches"] = self.cache["flat_input"].index_select(1, flat).reshape(n, -1, positions)
         dots = self.cache["dots"]
@@ -665,9 +676,7 @@ def fallback_parameters(model: nn.Module, example: torch.Tensor) -> list[str]:
     return engine.fallback_names
 
 
-def _batches(
-    inputs: InputSource, num_samples: Optional[int], batch_size: int
-) -> tuple[int, Callable[[int, int], torch.Tensor]]:
+def _batches(inputs: InputSource, num_samples: Optional[int]) -> tuple[int, Callable[[int, int], torch.Tensor]]:
     if isinstance(inputs, torch.Tensor):
         return inputs.shape[0], lambda s, e: inputs[s:e]
     if num_samples is None:
@@ -685,6 +694,75 @@ def _model_device_dtype(model: nn.Module, device: Optional[torch.device]) -> tup
     return device, first.dtype
 
 
+class FisherPassPlan(NamedTuple):
+    """How the Fisher and embedding passes batch their work on a device."""
+
+    batch_size: int  # samples per forward pass and its r backward passes
+    max_elements: int  # bound on the elements of any per-layer intermediate (chunks samples within a batch)
+
+
+def _graph_elements_per_sample(model: nn.Module, sample_shape: Sequence[int]) -> int:
+    """Elements the r backward passes keep per sample: every layer's output, its gradient and one saved tensor
+    (input, x̂ or mask), and the unfolded inputs a convolution may cache; from a one-sample forward pass."""
+    counts = [0]
+
+    def count(module: nn.Module, inputs, output) -> None:
+        if isinstance(output, torch.Tensor) and not (inputs and output is inputs[0]):  # Identity keeps no copy
+            counts[0] += 3 * output[0].numel()
+        if isinstance(module, nn.Conv2d) and isinstance(output, torch.Tensor):
+            counts[0] += module.weight[0].numel() * module.groups * output[0, 0].numel()
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    first = next(model.parameters())
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *sample_shape, device=first.device, dtype=first.dtype))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return counts[0]
+
+
+def plan_fisher_pass(model: nn.Module, sample_shape: Optional[Sequence[int]] = None, *,
+                     device: Optional[torch.device] = None, batch_size: Optional[int] = None,
+                     max_elements: Optional[int] = None) -> FisherPassPlan:
+    """Batch size and per-layer chunk bound of the Fisher and embedding passes (given values are kept).
+
+    On a CPU: DEFAULT_BATCH_SIZE and DEFAULT_MAX_ELEMENTS, cache-sized work (results bit-identical to every
+    earlier version). On an accelerator, from the memory fmask may use there (``usable_memory_bytes``: 80% of
+    the free memory, or ``--memory-limit``): per-layer intermediates up to a sixteenth of it (at most
+    MAX_DEVICE_ELEMENTS), and as many samples per batch as half of it holds of what the passes keep per sample
+    (``sample_shape``, the input's (C, H, W), is needed for that), at most MAX_DEVICE_BATCH, in multiples of 64:
+    a few large kernels instead of many small ones."""
+    device, dtype = _model_device_dtype(model, device)
+    if device.type == "cpu":
+        return FisherPassPlan(batch_size or DEFAULT_BATCH_SIZE, max_elements or DEFAULT_MAX_ELEMENTS)
+    usable = usable_memory_bytes(device)
+    element = torch.empty(0, dtype=dtype).element_size()
+    if max_elements is None:
+        max_elements = int(min(MAX_DEVICE_ELEMENTS, max(DEFAULT_MAX_ELEMENTS, usable // (16 * element))))
+    if batch_size is None:
+        if sample_shape is None:
+            raise ValueError("plan_fisher_pass needs sample_shape to size batches on an accelerator")
+        per_sample = element * _graph_elements_per_sample(model, sample_shape)
+        batch_size = int(max(1, min(MAX_DEVICE_BATCH, (usable // 2) // max(per_sample, 1))))
+        if batch_size > 64:
+            batch_size -= batch_size % 64
+    return FisherPassPlan(batch_size, max_elements)
+
+
+def _plan_for(model: nn.Module, device: torch.device, load: Callable[[int, int], torch.Tensor], total: int,
+              batch_size: Optional[int], max_elements: Optional[int]) -> FisherPassPlan:
+    """plan_fisher_pass, reading the sample shape from the first sample only when it is needed."""
+    needs_shape = device.type != "cpu" and batch_size is None and total > 0
+    return plan_fisher_pass(model, tuple(load(0, 1).shape[1:]) if needs_shape else None, device=device,
+                            batch_size=batch_size, max_elements=max_elements)
+
+
 def _as_model_input(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     if x.is_inference():
         x = x.clone()  # inference-mode tensors cannot enter autograd
@@ -696,21 +774,23 @@ def fisher_diagonal(
     inputs: InputSource,
     *,
     num_samples: Optional[int] = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: Optional[int] = None,
     device: Optional[torch.device] = None,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_elements: Optional[int] = None,
     progress: Optional[ProgressFn] = None,
 ) -> dict[str, torch.Tensor]:
     """Exact diagonal Fisher F_i = mean_x Σ_y p_y(x) (∂ log p_y(x)/∂θ_i)², model in eval mode.
 
     Returns one float64 CPU tensor per parameter (its shape), in ``model.named_parameters()`` order.
     ``inputs`` is a tensor (N, ...) or a loader ``positions -> batch`` with ``num_samples``.
-    The model must already be on ``device`` (default: where its parameters are).
+    The model must already be on ``device`` (default: where its parameters are). ``batch_size`` and
+    ``max_elements`` default to :func:`plan_fisher_pass`'s for the device.
     """
-    total, load = _batches(inputs, num_samples, batch_size)
+    total, load = _batches(inputs, num_samples)
     if total < 1:
         raise FmaskError("no samples to estimate the Fisher diagonal from; the unlabeled pool is empty")
     device, dtype = _model_device_dtype(model, device)
+    batch_size, max_elements = _plan_for(model, device, load, total, batch_size, max_elements)
     acc = {name: torch.zeros(p.shape, dtype=torch.float64, device=device) for name, p in model.named_parameters()}
     engine = PerSampleGradients(model, max_elements=max_elements)
     with engine:
@@ -728,24 +808,28 @@ def masked_embeddings(
     columns: MaskColumns,
     *,
     num_samples: Optional[int] = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: Optional[int] = None,
     dtype: torch.dtype = torch.float32,
     device: Optional[torch.device] = None,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_elements: Optional[int] = None,
     num_classes: Optional[int] = None,
     rows: str = "scaled",
     progress: Optional[ProgressFn] = None,
 ) -> torch.Tensor:
     """V (N, r, k): row y of sample x is sqrt(p_y(x)) ∇_θ log p_y(x) (``rows="scaled"``; ``"unscaled"``:
     ∇_θ log p_y(x)) restricted to the masked entries, columns in ``columns`` order (see fmask.fisher.mask).
-    Returned on CPU in ``dtype``. ``num_classes`` only sets the shape of an empty result (no samples)."""
+    Returned on CPU in ``dtype`` (in pinned memory when computed on a GPU: each batch is copied there without
+    waiting). ``num_classes`` only sets the shape of an empty result (no samples). ``batch_size`` and
+    ``max_elements`` default to :func:`plan_fisher_pass`'s."""
     check_embedding_rows(rows)
-    total, load = _batches(inputs, num_samples, batch_size)
+    total, load = _batches(inputs, num_samples)
     device, model_dtype = _model_device_dtype(model, device)
     if list(columns.names) != [name for name, _ in model.named_parameters()]:
         raise FmaskError("the mask's parameter names do not match this model; rerun `fmask fisher` on its checkpoint")
+    batch_size, max_elements = _plan_for(model, device, load, total, batch_size, max_elements)
     engine = PerSampleGradients(model, columns=columns, max_elements=max_elements)
     direct = device.type == "cpu" and dtype == model_dtype  # batches filled in place in the result, no copy
+    pinned = device.type == "cuda"  # copies into page-locked memory run asynchronously
     result: Optional[torch.Tensor] = None
     with engine:
         for start in range(0, total, batch_size):
@@ -754,15 +838,29 @@ def masked_embeddings(
             if result is None:
                 with torch.no_grad():
                     classes = model(x[:1]).shape[-1]
-                result = (torch.zeros if direct else torch.empty)(total, classes, columns.k, dtype=dtype)
+                result, pinned = _host_result((total, classes, columns.k), dtype, zeros=direct, pinned=pinned)
             if direct:
                 engine.embeddings(x, result[start:end], rows)
             else:
                 chunk = torch.zeros(end - start, result.shape[1], columns.k, dtype=model_dtype, device=device)
                 engine.embeddings(x, chunk, rows)
-                result[start:end] = chunk.to("cpu", dtype)
+                # Stream-ordered: a later batch reusing chunk's memory runs after this copy has read it.
+                result[start:end].copy_(chunk.to(dtype), non_blocking=pinned)
             if progress is not None:
                 progress("gradient embeddings", end, total)
+    if pinned and result is not None:
+        torch.cuda.synchronize(device)  # every copy has landed before the caller reads the result
     if result is None:
         return torch.empty(0, num_classes or 0, columns.k, dtype=dtype)
     return result
+
+
+def _host_result(shape: tuple[int, ...], dtype: torch.dtype, *, zeros: bool, pinned: bool) -> tuple[torch.Tensor, bool]:
+    """The CPU tensor the embeddings are gathered into: page-locked when asked and possible; (tensor, pinned)."""
+    make = torch.zeros if zeros else torch.empty
+    if pinned:
+        try:
+            return make(shape, dtype=dtype, pin_memory=True), True
+        except RuntimeError:  # page-locking refused (limits, no driver): ordinary memory and blocking copies
+            pass
+    return make(shape, dtype=dtype), False

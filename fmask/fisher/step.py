@@ -24,11 +24,12 @@ import torch
 
 import fmask
 from fmask import paths
-from fmask.device import resolve_device
+from fmask.device import format_bytes, resolve_device
 from fmask.errors import FmaskError
-from fmask.fisher.grads import (DEFAULT_BATCH_SIZE, ProgressFn, check_embedding_rows, fisher_diagonal,
-                                masked_embeddings)
+from fmask.fisher.grads import (ProgressFn, check_embedding_rows, fisher_diagonal, masked_embeddings,
+                                plan_fisher_pass)
 from fmask.fisher.mask import MaskColumns, check_sparsity_works, is_head_parameter, mask_size, top_k_mask
+from fmask.numerics import deterministic_enabled, exact_float32
 from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_save_safetensors, check_writable, output_lock,
                       read_safetensors, sha256_file, sha256_json, step_is_current)
 
@@ -124,7 +125,7 @@ class MaskFile:
         device: Optional[torch.device] = None,
         dtype: Optional[str] = None,
         rows: Optional[str] = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: Optional[int] = None,
         progress: Optional[ProgressFn] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(V_unlabeled (N, r, k), V_labeled (L, r, k)) for these ids, columns in mask order.
@@ -218,8 +219,8 @@ def check_embedding_memory(samples: int, num_classes: int, k: int, dtype: str) -
     if need > limit:
         raise FmaskError(
             f"the gradient embeddings of {samples} samples x {num_classes} classes x k={k} need "
-            f"{need / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB usable; lower --sparsity, "
-            f"use --embed-dtype bfloat16, or subsample the pool"
+            f"{format_bytes(need)} of RAM, more than the {format_bytes(limit)} usable; lower --sparsity, "
+            f"use --embed-dtype bfloat16, subsample the pool, or raise --memory-limit"
         )
 
 
@@ -303,18 +304,19 @@ class FisherSetup:
     device: torch.device
     subsample: Optional[int]
     step: dict
+    batch_size: int  # resolved for the device (plan_fisher_pass) unless given
 
 
 def prepare_fisher(*, ckpt: str | os.PathLike, pool_dir: Optional[str | os.PathLike], labeled: Optional[str | os.PathLike],
                    sparsity: float, samples: Optional[int], head: bool, seed: int, device: str, embed_dtype: str,
-                   embeddings: bool, batch_size: int, embedding_rows: str = "scaled", m0: str = "identity"
-                   ) -> FisherSetup:
+                   embeddings: bool, batch_size: Optional[int], embedding_rows: str = "scaled",
+                   m0: str = "identity") -> FisherSetup:
     """Validate the inputs of ``fmask fisher`` (one FmaskError line each) and derive k, the ids and the step key."""
     from fmask.train.checkpoint import open_round
 
     if samples is not None and samples < 1:
         raise FmaskError(f"--samples {samples} must be at least 1; omit it to use the whole unlabeled pool")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise FmaskError(f"--batch-size {batch_size} must be at least 1")
     _check_dtype(embed_dtype)
     check_embedding_rows(embedding_rows)
@@ -324,7 +326,9 @@ def prepare_fisher(*, ckpt: str | os.PathLike, pool_dir: Optional[str | os.PathL
     labeled_ids = [int(i) for i in labeled_set.ids]
     if not unlabeled:
         raise FmaskError(f"the unlabeled pool is empty (every sample of {opened.pool_dir} is labeled); nothing to rank")
-    model = checkpoint.model
+    torch_device = resolve_device(device)
+    # A --finetune head checkpoint: its head alone on the cached backbone features (the trainable parameters).
+    model, pool = opened.strategy_view(torch_device)
     names = [name for name, _ in model.named_parameters()]
     num_parameters = sum(p.numel() for p in model.parameters())
     k = mask_size(sparsity, num_parameters)
@@ -336,14 +340,18 @@ def prepare_fisher(*, ckpt: str | os.PathLike, pool_dir: Optional[str | os.PathL
                              head_only_trainable=head_only_trainable(model))
     if embeddings:
         check_embedding_memory(len(unlabeled) + len(labeled_ids), pool.num_classes, k, embed_dtype)
-    torch_device = resolve_device(device)
+    # Batches sized to the device (64 on a CPU; see plan_fisher_pass) unless --batch-size says otherwise.
+    sample_shape = tuple(pool.inputs(unlabeled[:1]).shape[1:]) if torch_device.type != "cpu" else None
+    batch_size = plan_fisher_pass(model, sample_shape, device=torch_device, batch_size=batch_size).batch_size
     # --samples at least the pool size is the whole pool: same step, and the seed then plays no part.
     subsample = samples if samples is not None and samples < len(unlabeled) else None
     inputs = {"checkpoint": checkpoint.hash, "pool": pool.hash, "labeled": labeled_set.hash}
     step = {"inputs": inputs, "sparsity": float(sparsity), "head": bool(head), "samples": subsample,
             "seed": seed if subsample is not None else None, "embedding_rows": embedding_rows, "m0": m0}
+    if deterministic_enabled():
+        step["deterministic"] = True  # another computation on GPUs (absent otherwise: older keys stay valid)
     return FisherSetup(checkpoint, pool, opened.pool_dir, labeled_set, labeled_ids, unlabeled, model, names,
-                       num_parameters, k, head_size, torch_device, subsample, step)
+                       num_parameters, k, head_size, torch_device, subsample, step, batch_size)
 
 
 def mask_artifact(setup: FisherSetup, fisher: dict[str, torch.Tensor], *, sparsity: float, head: bool,
@@ -366,6 +374,7 @@ def mask_artifact(setup: FisherSetup, fisher: dict[str, torch.Tensor], *, sparsi
     return tensors, metadata
 
 
+@exact_float32()  # masks rank parameters by small differences: no TF32 (see fmask.numerics)
 def run_fisher(
     *,
     ckpt: str | os.PathLike,
@@ -379,7 +388,7 @@ def run_fisher(
     device: str = "auto",
     embed_dtype: str = "float32",
     embeddings: bool = True,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: Optional[int] = None,
     embedding_rows: str = "scaled",
     m0: str = "identity",
     force: bool = False,
@@ -396,6 +405,7 @@ def run_fisher(
     check_writable(out)
     checkpoint, pool, model, torch_device = setup.checkpoint, setup.pool, setup.model, setup.device
     unlabeled, labeled_ids, subsample = setup.unlabeled, setup.labeled_ids, setup.subsample
+    batch_size = setup.batch_size
     cache = paths.embeddings_cache(out)
     with output_lock(out.parent, "fisher", outputs=(out.name, cache.name)):
         skipped = not force and step_is_current(out, setup.step)

@@ -1,11 +1,17 @@
 """``fmask export``: a query's batch as files a person can label.
 
-The export directory holds ``images/<sample id>.png`` (the pool's pixels, unnormalised), ``manifest.csv`` (one
-row per image in selection order: file, the query checkpoint's top-3 guesses with probabilities, and a blank
-``label`` column an annotator can fill in and hand straight to ``fmask label --answers``), ``contact_sheet.png``
+The export directory holds ``images/<sample id>_<original stem>.png`` (the pool's pixels, unnormalised; pools
+without source files: ``<sample id>.png``), ``manifest.csv`` (one row per image in selection order: sample id, the
+original path, file, the query checkpoint's top-3 guesses with probabilities (blank for a query made without a
+model), and a blank ``label`` column an annotator can fill in and hand straight to ``fmask label --answers``),
+``contact_sheet.png``
 (the batch in selection order, small images upscaled by nearest neighbour, sample id under each tile), a Label
 Studio import file (tasks with the model's top guess as a prediction) with its labeling config, and
 ``export.json`` (provenance). It is built in a fresh temporary directory beside ``--out`` and renamed into place.
+
+With ``project`` the batch goes to a running Label Studio instead of (or as well as) ``--out``: see
+:mod:`fmask.label.label_studio`. The server is checked (reachable, token accepted, the project's classes) before
+anything is written, here or there.
 """
 
 from __future__ import annotations
@@ -15,33 +21,35 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Optional, Sequence
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from torch import nn
 
 from fmask import __version__, paths
 from fmask.device import resolve_device
 from fmask.errors import FmaskError
 from fmask.io import FORMAT_VERSION, output_lock, sha256_file
+from fmask.label import label_studio
+from fmask.label.label_studio import LS_CONTROL, LS_OBJECT, PushResult
 from fmask.pool.pool import Pool, load_pool
+from fmask.predict.predict import predict_probabilities
 from fmask.query.base import ProgressFn
 from fmask.query.step import load_query
-from fmask.train.checkpoint import load_checkpoint
+from fmask.train.checkpoint import Checkpoint, load_checkpoint
 
 EXPORT = "fmask export"
 TOP_K = 3  # guesses per image in the manifest
 TILE_TARGET = 64  # px: small images are upscaled by a whole factor until their longer side reaches this
 PAD = 4  # px around and between tiles of the contact sheet
 CAPTION_HEIGHT = 14  # px under each tile for its sample id (PIL's default font is 10 px tall)
-LS_CONTROL, LS_OBJECT = "label", "image"  # names in the labeling config; predictions must use the same
 LOCAL_FILES_URL = "/data/local-files/?d="  # Label Studio's endpoint for files under LOCAL_FILES_DOCUMENT_ROOT
 
 
@@ -76,6 +84,13 @@ def sheet_layout(count: int, height: int, width: int, columns: Optional[int] = N
     return SheetLayout(columns, math.ceil(count / columns), scale, width * scale, height * scale)
 
 
+def png_bytes(image: torch.Tensor) -> bytes:
+    """A uint8 (C, H, W) image as PNG file bytes."""
+    buffer = io.BytesIO()
+    to_pil(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def to_pil(image: torch.Tensor) -> Image.Image:
     """A uint8 (C, H, W) image -> PIL (grayscale for C=1, RGB for C=3, RGBA for C=4)."""
     channels = image.shape[0]
@@ -103,19 +118,6 @@ def contact_sheet(images: torch.Tensor, ids: Sequence[int], columns: Optional[in
     return sheet
 
 
-@torch.no_grad()
-def predict_probabilities(model: nn.Module, pool: Pool, ids: Sequence[int], *, device: torch.device,
-                          batch_size: int = 256, progress: Optional[ProgressFn] = None) -> torch.Tensor:
-    """Softmax probabilities (n, classes) of ``model`` on the pool inputs of ``ids``, float32 on CPU."""
-    model = model.to(device).eval()
-    chunks = []
-    for start in range(0, len(ids), batch_size):
-        chunks.append(torch.softmax(model(pool.inputs(ids[start:start + batch_size]).to(device)).float(), 1).cpu())
-        if progress is not None:
-            progress("model guesses", min(start + batch_size, len(ids)), len(ids))
-    return torch.cat(chunks)
-
-
 def image_url(file: str, *, image_root: str, url_prefix: Optional[str] = None) -> str:
     """Where Label Studio finds ``file`` (a path relative to the export directory).
 
@@ -138,39 +140,72 @@ def label_studio_config(classes: Sequence[str]) -> str:
             f"required=\"true\">\n{choices}\n  </Choices>\n</View>\n")
 
 
-def label_studio_tasks(ids: Sequence[int], urls: Sequence[str], classes: Sequence[str], top_probs: torch.Tensor,
-                       top_classes: torch.Tensor, model_version: str) -> list[dict]:
-    """One Label Studio task per image; the model's top guess rides along as a prediction (pre-annotation)."""
+def label_studio_tasks(ids: Sequence[int], urls: Sequence[Optional[str]], classes: Sequence[str],
+                       top_probs: Optional[torch.Tensor], top_classes: Optional[torch.Tensor],
+                       model_version: Optional[str], query_sha256: str,
+                       sample_paths: Optional[Sequence[Optional[str]]] = None) -> list[dict]:
+    """One Label Studio task per image; the model's top guess rides along as a prediction (pre-annotation) when
+    the query had a model.
+
+    ``data`` holds the image URL (left out where ``urls`` has None: the live push fills it in after uploading),
+    the sample id, the query's hash (tasks of one query are found by it) and, when the pool knows it, the sample's
+    source file ``path``.
+    """
     tasks = []
-    for sample_id, url, probs, guesses in zip(ids, urls, top_probs.tolist(), top_classes.tolist()):
-        prediction = {"model_version": model_version, "score": round(probs[0], 6),
-                      "result": [{"from_name": LS_CONTROL, "to_name": LS_OBJECT, "type": "choices",
-                                  "value": {"choices": [classes[guesses[0]]]}}]}
-        tasks.append({"data": {"image": url, "sample_id": int(sample_id), "caption": f"sample {sample_id}"},
-                      "predictions": [prediction]})
+    for position, (sample_id, url) in enumerate(zip(ids, urls)):
+        path = sample_paths[position] if sample_paths is not None else None
+        data = {"image": url, "sample_id": int(sample_id), "caption": f"sample {sample_id}" + (f": {path}" if path
+                                                                                              else ""),
+                "query_sha256": query_sha256}
+        if url is None:
+            del data["image"]
+        if path is not None:
+            data["path"] = str(path)
+        predictions = []
+        if top_probs is not None and top_classes is not None:
+            predictions.append({"model_version": model_version, "score": round(float(top_probs[position, 0]), 6),
+                                "result": [{"from_name": LS_CONTROL, "to_name": LS_OBJECT, "type": "choices",
+                                            "value": {"choices": [classes[int(top_classes[position, 0])]]}}]})
+        tasks.append({"data": data, "predictions": predictions})
     return tasks
 
 
-def manifest_csv(ids: Sequence[int], files: Sequence[str], classes: Sequence[str], top_probs: torch.Tensor,
-                 top_classes: torch.Tensor) -> str:
-    """``sample_id,file,guess_1,prob_1,...,label`` in selection order; ``label`` is left for the annotator."""
-    k = top_probs.shape[1]
+def manifest_csv(ids: Sequence[int], files: Sequence[str], classes: Sequence[str], top_probs: Optional[torch.Tensor],
+                 top_classes: Optional[torch.Tensor], sample_paths: Optional[Sequence[Optional[str]]] = None) -> str:
+    """``sample_id,path,file,guess_1,prob_1,...,label`` in selection order; ``path`` is the original file (blank for
+    pools without source files), the guesses are blank without a model, ``label`` is left for the annotator."""
+    k = top_probs.shape[1] if top_probs is not None else min(TOP_K, len(classes))
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["sample_id", "file"] + [f"{kind}_{rank}" for rank in range(1, k + 1) for kind in ("guess", "prob")]
-                    + ["label"])
-    for sample_id, file, probs, guesses in zip(ids, files, top_probs.tolist(), top_classes.tolist()):
-        pairs = [cell for guess, prob in zip(guesses, probs) for cell in (classes[guess], f"{prob:.4f}")]
-        writer.writerow([sample_id, file] + pairs + [""])
+    writer.writerow(["sample_id", "path", "file"] + [f"{kind}_{rank}" for rank in range(1, k + 1)
+                                                     for kind in ("guess", "prob")] + ["label"])
+    sample_paths = sample_paths or [None] * len(ids)
+    for position, (sample_id, path, file) in enumerate(zip(ids, sample_paths, files)):
+        if top_probs is not None and top_classes is not None:
+            pairs = [cell for guess, prob in zip(top_classes[position].tolist(), top_probs[position].tolist())
+                     for cell in (classes[guess], f"{prob:.4f}")]
+        else:
+            pairs = [""] * (2 * k)
+        writer.writerow([sample_id, path or "", file] + pairs + [""])
     return buffer.getvalue()
+
+
+def export_file_name(sample_id: int, path: Optional[str]) -> str:
+    """``images/<sample id>_<original stem>.png`` (the stem cut to 80 characters, characters that are awkward in
+    file names and URLs replaced by _), or ``images/<sample id>.png`` without a source file."""
+    if not path:
+        return f"{paths.EXPORT_IMAGES_DIR}/{sample_id}.png"
+    stem = re.sub(r"[^\w.-]+", "_", PurePosixPath(path).stem).strip("._")[:80]
+    return f"{paths.EXPORT_IMAGES_DIR}/{sample_id}_{stem}.png" if stem else f"{paths.EXPORT_IMAGES_DIR}/{sample_id}.png"
 
 
 @dataclass
 class ExportResult:
-    out: Path
+    out: Optional[Path]  # None when the batch only went to Label Studio
     ids: list[int]  # in selection order
-    contact_sheet_size: tuple[int, int]
+    contact_sheet_size: Optional[tuple[int, int]]
     image_urls: list[str]
+    label_studio: Optional[PushResult] = None
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -207,12 +242,34 @@ def _move_into_place(built: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def run_export(*, query: str | os.PathLike, out: str | os.PathLike, ckpt: Optional[str | os.PathLike] = None,
-               pool_dir: Optional[str | os.PathLike] = None, image_root: Optional[str] = None,
-               url_prefix: Optional[str] = None, columns: Optional[int] = None, device: str = "auto",
-               batch_size: int = 256, force: bool = False, progress: Optional[ProgressFn] = None) -> ExportResult:
-    """Write the export directory ``out`` for the batch ``query`` selected (see the module docstring)."""
-    out = Path(out)
+def _selected_paths(query_data: dict, query, ids: list[int]) -> Optional[list[str]]:
+    """The source file of each selected sample, when the query records them (pools built from image folders)."""
+    selected_paths = query_data.get("selected_paths")
+    if selected_paths is None:
+        return None
+    if not isinstance(selected_paths, list) or len(selected_paths) != len(ids):
+        raise FmaskError(f"query {query}: selected_paths does not list one path per selected sample; rerun the query")
+    return selected_paths
+
+
+def run_export(*, query: str | os.PathLike, out: Optional[str | os.PathLike] = None,
+               ckpt: Optional[str | os.PathLike] = None, pool_dir: Optional[str | os.PathLike] = None,
+               image_root: Optional[str] = None, url_prefix: Optional[str] = None, columns: Optional[int] = None,
+               device: str = "auto", batch_size: int = 256, force: bool = False,
+               label_studio_url: Optional[str] = None, project: Optional[str] = None,
+               progress: Optional[ProgressFn] = None) -> ExportResult:
+    """Write the export directory ``out`` for the batch ``query`` selected (see the module docstring), and/or push
+    it to the Label Studio project titled ``project`` (at ``label_studio_url``, else ``LABEL_STUDIO_URL``)."""
+    out = Path(out) if out is not None else None
+    if project is None and label_studio_url is not None:
+        raise FmaskError("--label-studio needs --project NAME, the Label Studio project to push the batch into")
+    if project is None and out is None:
+        raise FmaskError("give --out DIR to write the batch as files, or --project NAME (with --label-studio URL) to "
+                         "push it to Label Studio")
+    if out is None and (image_root is not None or url_prefix is not None or columns is not None):
+        raise FmaskError("--image-root, --url-prefix and --columns shape the files of --out; pass --out DIR too, or "
+                         "drop them")
+    url = label_studio.resolve_url(label_studio_url) if project is not None else None
     if image_root is not None and url_prefix is not None:
         raise FmaskError("give either --image-root (Label Studio local files) or --url-prefix (served files), not both")
     if image_root is not None and Path(image_root).is_absolute():
@@ -224,39 +281,107 @@ def run_export(*, query: str | os.PathLike, out: str | os.PathLike, ckpt: Option
     pool = load_pool(pool_dir if pool_dir is not None else query_data["pool_dir"])
     if query_data["inputs"].get("pool") != pool.hash:
         raise FmaskError(f"query {query} was made on another pool; pass the --pool it was made on")
+    made_with_model = query_data["inputs"].get("checkpoint") is not None
+    if ckpt is not None and not made_with_model:
+        raise FmaskError(f"query {query} was made without a checkpoint, so it has no model guesses to attach; drop "
+                         "--ckpt")
     ckpt = ckpt if ckpt is not None else query_data.get("checkpoint_path")
-    if ckpt is None:
-        raise FmaskError(f"query {query} records no checkpoint_path; pass --ckpt with the checkpoint it was made with")
-    checkpoint = load_checkpoint(ckpt)
-    if checkpoint.hash != query_data["inputs"].get("checkpoint"):
-        raise FmaskError(f"checkpoint {ckpt} is not the one query {query} was made with (its hash differs); pass "
-                         "--ckpt with that checkpoint, or rerun the query")
+    checkpoint = None
+    if made_with_model:
+        if ckpt is None:
+            raise FmaskError(f"query {query} records no checkpoint_path; pass --ckpt with the checkpoint it was made "
+                             "with")
+        checkpoint = load_checkpoint(ckpt)
+        if checkpoint.hash != query_data["inputs"].get("checkpoint"):
+            raise FmaskError(f"checkpoint {ckpt} is not the one query {query} was made with (its hash differs); pass "
+                             "--ckpt with that checkpoint, or rerun the query")
     ids = [int(i) for i in query_data["selected"]]
     if not ids:
         raise FmaskError(f"query {query} selects no samples; rerun `fmask query` with --batch of at least 1")
     images = pool.images(ids)  # refuses ids outside the pool
+    sample_paths = _selected_paths(query_data, query, ids)
+    if sample_paths is None and pool.has_paths:  # a query written before queries listed the paths
+        sample_paths = pool.paths(ids)
+    batch = _Batch(query=query, query_sha256=sha256_file(query), query_data=query_data, pool=pool, ckpt=ckpt,
+                   checkpoint=checkpoint, ids=ids, images=images, sample_paths=sample_paths)
+    live = _Live(url, project) if project is not None and url is not None else None
+    if out is None and live is not None:
+        connection, found = label_studio.open_project(live.url, live.project, pool.classes)
+        guesses = _guesses(batch, device=device, batch_size=batch_size, progress=progress)
+        pushed = _push(batch, guesses, connection, found, live.project, progress)
+        return ExportResult(None, ids, None, [], pushed)
     target = out.resolve()  # absolute, so that `--out .` and relative paths rename cleanly
     with output_lock(target.parent, "export", outputs=(target.name,)):
-        return _export_locked(query=query, out=out, target=target, query_data=query_data, pool=pool, ckpt=ckpt,
-                              checkpoint=checkpoint, ids=ids, images=images, image_root=image_root,
-                              url_prefix=url_prefix, columns=columns, device=device, batch_size=batch_size,
-                              force=force, progress=progress)
+        return _export_locked(batch, out=out, target=target, image_root=image_root, url_prefix=url_prefix,
+                              columns=columns, device=device, batch_size=batch_size, force=force, live=live,
+                              progress=progress)
 
 
-def _export_locked(*, query, out: Path, target: Path, query_data: dict, pool: Pool, ckpt, checkpoint, ids: list[int],
-                   images: torch.Tensor, image_root: Optional[str], url_prefix: Optional[str], columns: Optional[int],
-                   device: str, batch_size: int, force: bool, progress: Optional[ProgressFn]) -> ExportResult:
+@dataclass
+class _Batch:
+    """What an export reads: the query, its pool and checkpoint, and the selected images in selection order."""
+
+    query: str | os.PathLike
+    query_sha256: str
+    query_data: dict
+    pool: Pool
+    ckpt: Optional[str | os.PathLike]
+    checkpoint: Optional[Checkpoint]  # None: a query made without a model (no guesses)
+    ids: list[int]
+    images: torch.Tensor
+    sample_paths: Optional[list[str]]
+
+
+@dataclass
+class _Live:
+    url: str
+    project: str
+
+
+@dataclass
+class _Guesses:
+    top_probs: Optional[torch.Tensor]  # None for a query made without a model
+    top_classes: Optional[torch.Tensor]
+    model_version: Optional[str]
+
+
+def _guesses(batch: _Batch, *, device: str, batch_size: int, progress: Optional[ProgressFn]) -> _Guesses:
+    """The query checkpoint's top-k guesses with probabilities for the batch (none without a checkpoint)."""
+    if batch.checkpoint is None:
+        return _Guesses(None, None, None)
+    probs = predict_probabilities(batch.checkpoint.model, batch.pool, batch.ids, device=resolve_device(device),
+                                  batch_size=batch_size, progress=progress, task="model guesses")
+    top_probs, top_classes = torch.topk(probs, k=min(TOP_K, probs.shape[1]), dim=1)
+    return _Guesses(top_probs, top_classes, f"{Path(batch.ckpt).name}:{batch.checkpoint.hash[:12]}")
+
+
+def _push(batch: _Batch, guesses: _Guesses, connection: label_studio.LabelStudioConnection,
+          found: Optional[label_studio.ProjectRef], project: str, progress: Optional[ProgressFn]) -> PushResult:
+    """Push the batch's tasks (and their images) that the project lacks."""
+    classes = batch.pool.classes
+    tasks = label_studio_tasks(batch.ids, [None] * len(batch.ids), classes, guesses.top_probs, guesses.top_classes,
+                               guesses.model_version, batch.query_sha256, batch.sample_paths)
+    names = [export_file_name(sample_id, path).rsplit("/", 1)[1]
+             for sample_id, path in zip(batch.ids, batch.sample_paths or [None] * len(batch.ids))]
+    images = [(name, png_bytes(image)) for name, image in zip(names, batch.images)]
+    return label_studio.push_batch(connection=connection, project=found, title=project,
+                                   label_config=label_studio_config(classes), tasks=tasks, images=images,
+                                   progress=progress)
+
+
+def _export_locked(batch: _Batch, *, out: Path, target: Path, image_root: Optional[str], url_prefix: Optional[str],
+                   columns: Optional[int], device: str, batch_size: int, force: bool, live: Optional[_Live],
+                   progress: Optional[ProgressFn]) -> ExportResult:
     """run_export's work, done while holding the lock of the directory the export is renamed into."""
     _check_out(out, force)
-    torch_device = resolve_device(device)
-
-    probs = predict_probabilities(checkpoint.model, pool, ids, device=torch_device, batch_size=batch_size,
-                                  progress=progress)
-    top_probs, top_classes = torch.topk(probs, k=min(TOP_K, probs.shape[1]), dim=1)
-    files = [f"{paths.EXPORT_IMAGES_DIR}/{sample_id}.png" for sample_id in ids]
+    connection, found = (label_studio.open_project(live.url, live.project, batch.pool.classes) if live is not None
+                         else (None, None))
+    guesses = _guesses(batch, device=device, batch_size=batch_size, progress=progress)
+    ids, classes = batch.ids, batch.pool.classes
+    files = [export_file_name(sample_id, path)
+             for sample_id, path in zip(ids, batch.sample_paths or [None] * len(ids))]
     root = target.name if image_root is None else image_root
     urls = [image_url(file, image_root=root, url_prefix=url_prefix) for file in files]
-    model_version = f"{Path(ckpt).name}:{checkpoint.hash[:12]}"
 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -266,23 +391,31 @@ def _export_locked(*, query, out: Path, target: Path, query_data: dict, pool: Po
     try:
         os.chmod(built, 0o755)  # mkdtemp makes it private; Label Studio or a web server may run as another user
         (built / paths.EXPORT_IMAGES_DIR).mkdir()
-        for done, (image, file) in enumerate(zip(images, files), start=1):
+        for done, (image, file) in enumerate(zip(batch.images, files), start=1):
             to_pil(image).save(built / file, format="PNG")
             if progress is not None:
                 progress("writing images", done, len(ids))
-        sheet = contact_sheet(images, ids, columns)
+        sheet = contact_sheet(batch.images, ids, columns)
         sheet.save(built / paths.CONTACT_SHEET_PNG, format="PNG")
-        (built / paths.EXPORT_MANIFEST_CSV).write_text(manifest_csv(ids, files, pool.classes, top_probs, top_classes),
-                                                       encoding="utf-8")
-        tasks = label_studio_tasks(ids, urls, pool.classes, top_probs, top_classes, model_version)
+        (built / paths.EXPORT_MANIFEST_CSV).write_text(
+            manifest_csv(ids, files, classes, guesses.top_probs, guesses.top_classes, batch.sample_paths),
+            encoding="utf-8")
+        tasks = label_studio_tasks(ids, urls, classes, guesses.top_probs, guesses.top_classes, guesses.model_version,
+                                   batch.query_sha256, batch.sample_paths)
         (built / paths.LABEL_STUDIO_TASKS).write_text(json.dumps(tasks, indent=1) + "\n", encoding="utf-8")
-        (built / paths.LABEL_STUDIO_CONFIG).write_text(label_studio_config(pool.classes), encoding="utf-8")
+        (built / paths.LABEL_STUDIO_CONFIG).write_text(label_studio_config(classes), encoding="utf-8")
+        pushed = (_push(batch, guesses, connection, found, live.project, progress)
+                  if live is not None and connection is not None else None)
         info = {"format": FORMAT_VERSION, "kind": "export", "fmask_version": __version__,
-                "query": str(Path(query).resolve()), "query_sha256": sha256_file(query),
-                "checkpoint": str(Path(ckpt).resolve()), "checkpoint_sha256": checkpoint.hash, "pool": pool.hash,
-                "round": query_data["round"], "strategy": query_data["strategy"], "selected": ids,
-                "url_prefix": url_prefix, "image_root": None if url_prefix else root,
-                "contact_sheet_size": list(sheet.size)}
+                "query": str(Path(batch.query).resolve()), "query_sha256": batch.query_sha256,
+                "checkpoint": str(Path(batch.ckpt).resolve()) if batch.checkpoint is not None else None,
+                "checkpoint_sha256": batch.checkpoint.hash if batch.checkpoint is not None else None,
+                "pool": batch.pool.hash, "round": batch.query_data["round"], "strategy": batch.query_data["strategy"],
+                "selected": ids, "url_prefix": url_prefix, "image_root": None if url_prefix else root,
+                "contact_sheet_size": list(sheet.size),
+                "label_studio": None if pushed is None else {"url": pushed.url, "project": pushed.project,
+                                                             "project_id": pushed.project_id,
+                                                             "task_ids": pushed.task_ids}}
         (built / paths.EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
         _move_into_place(built, target)
     except OSError as exc:
@@ -292,4 +425,4 @@ def _export_locked(*, query, out: Path, target: Path, query_data: dict, pool: Po
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)
         raise
-    return ExportResult(out, ids, sheet.size, urls)
+    return ExportResult(out, ids, sheet.size, urls, pushed)

@@ -3,15 +3,18 @@ where each label came from (``oracle``: the pool's ground truth; ``human``: an a
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from fmask.errors import FmaskError
-from fmask.io import FORMAT_VERSION, read_json, sha256_file
+from fmask import paths
+from fmask.io import FORMAT_VERSION, atomic_write_bytes, atomic_write_json, read_json, sha256_file
 
 SOURCES = ("initial", "oracle", "human")
 
@@ -95,3 +98,25 @@ def extend_labeled(previous: LabeledSet, ids: Sequence[int], labels: Sequence[in
         round=round_, strategy=strategy, query=query_hash, previous=previous.hash,
     )
     return data
+
+
+LABELED_CSV_COLUMNS = ("sample_id", "path", "label", "round", "source")
+
+
+def labeled_csv_text(data: dict, classes: Sequence[str], sample_paths: Sequence[Optional[str]]) -> str:
+    """The labeled set as a CSV (one row per labeled id, label as the class name), ``sample_paths`` aligned with
+    its ids (None for pools without source files). `fmask build-pool --labels` reads it back by path."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(LABELED_CSV_COLUMNS)
+    for sample_id, path, label, round_, source in zip(data["ids"], sample_paths, data["labels"], data["rounds"],
+                                                      data["sources"]):
+        writer.writerow([sample_id, path or "", classes[label], round_, source])
+    return buffer.getvalue()
+
+
+def write_labeled(path: str | os.PathLike, data: dict, pool) -> None:
+    """Write a (sealed) labeled set and the CSV beside it (paths.labeled_csv), each atomically."""
+    path = Path(path)
+    atomic_write_bytes(paths.labeled_csv(path), labeled_csv_text(data, pool.classes, pool.paths(data["ids"])).encode())
+    atomic_write_json(path, data)  # last: a current JSON means its CSV is complete too

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +26,7 @@ class PlotResult:
     summary: pd.DataFrame  # one row per strategy
     figures: list[Path]
     summary_csv: Path
+    notes: list[str] = field(default_factory=list)  # which curves have no test set (and what they show instead)
 
 
 def collect_runs(results_dir: Path) -> pd.DataFrame:
@@ -49,7 +50,30 @@ def collect_runs(results_dir: Path) -> pd.DataFrame:
     if (runs["strategy"] != "initial").any():  # a shared round-0 checkpoint alone is no run
         runs = runs[runs["strategy"] != "initial"]
     runs["run"] = runs["dir"] + "|" + runs["strategy"] + "|" + runs["seed"].astype(str) + "|" + runs["train_seed"].astype(str)
+    if "evaluated_on" not in runs.columns:
+        runs["evaluated_on"] = "test"
+    # Rows written before the column existed, or with an accuracy, were measured on a test split.
+    runs["evaluated_on"] = runs["evaluated_on"].fillna("test")
     return runs.sort_values(["strategy", "run", "labeled"]).reset_index(drop=True)
+
+
+def evaluation_notes(runs: pd.DataFrame) -> list[str]:
+    """One line per directory whose curves have no test set: not measured at all, or measured on a held-out part
+    of the labeled set (train --val-fraction)."""
+    notes = []
+    for directory, rows in runs.groupby("dir", sort=True):
+        kinds = set(rows["evaluated_on"])
+        name = directory if directory != "." else "(the results directory)"
+        strategies = ", ".join(sorted(rows["strategy"].unique()))
+        if kinds == {"none"}:
+            notes.append(f"no test set: {name} ({strategies}): accuracy not measured, no curve drawn; build the pool "
+                         "with --test or train with --val-fraction")
+        elif "none" in kinds:
+            notes.append(f"no test set for some rounds of {name} ({strategies}): those rounds are left out of the curves")
+        if "validation" in kinds:
+            notes.append(f"no test set: {name} ({strategies}): accuracy is a validation estimate (train "
+                         "--val-fraction), marked 'validation' in the legend")
+    return notes
 
 
 def area_under_curve(labeled: np.ndarray, accuracy: np.ndarray) -> float:
@@ -226,17 +250,26 @@ def plot_learning_curves(runs: pd.DataFrame, path: Path, metric: str = "accuracy
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for strategy, rows in runs.groupby("strategy", sort=True):
+    measured = runs[runs["evaluated_on"] != "none"] if "evaluated_on" in runs.columns else runs
+    groups = list(measured.groupby("strategy", sort=True))
+    # The default cycle repeats after ten colours; more strategies than that each get one of tab20's twenty.
+    colors = plt.get_cmap("tab20").colors if len(groups) > 10 else plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (strategy, rows), color in zip(groups, colors * (len(groups) // len(colors) + 1)):
         stats = rows.groupby("labeled")[metric].agg(["mean", "std", "count"]).fillna(0.0)
         x = stats.index.to_numpy(float)
         n_runs = rows["run"].nunique()
-        ax.plot(x, stats["mean"], marker="o", markersize=3, label=f"{strategy} (n={n_runs})")
-        ax.fill_between(x, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.2)
+        where = ", validation" if "evaluated_on" in rows.columns and (rows["evaluated_on"] == "validation").all() else ""
+        ax.plot(x, stats["mean"], marker="o", markersize=3, color=color, label=f"{strategy} (n={n_runs}{where})")
+        ax.fill_between(x, stats["mean"] - stats["std"], stats["mean"] + stats["std"], color=color, alpha=0.2)
+    if measured.empty:
+        ax.text(0.5, 0.5, "no test set: accuracy was not measured", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("labeled samples")
-    ax.set_ylabel(f"test {metric.replace('_', ' ')}")
+    validation = "evaluated_on" in measured.columns and (measured["evaluated_on"] == "validation").any()
+    ax.set_ylabel(("test or validation " if validation else "test ") + metric.replace('_', ' '))
     ax.set_title("Learning curves (mean ± std over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if not measured.empty:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -362,4 +395,4 @@ def run_plot(*, results_dir: str | os.PathLike, out_dir: Optional[str | os.PathL
     summary = summarize(runs, target_accuracy)
     summary_csv = out_dir / paths.SUMMARY_CSV
     atomic_write_bytes(summary_csv, summary.to_csv(index=False).encode())
-    return PlotResult(runs, summary, figures, summary_csv)
+    return PlotResult(runs, summary, figures, summary_csv, evaluation_notes(runs))

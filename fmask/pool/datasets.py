@@ -15,12 +15,12 @@ from typing import Callable
 import numpy as np
 
 from fmask.errors import FmaskError
+from fmask.pool.files import IMAGE_SUFFIXES
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
 MNIST_CLASSES = [str(i) for i in range(10)]
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 @dataclass
@@ -193,7 +193,9 @@ def load_folder_source(path: Path) -> DatasetSource:
     """An image folder with ``train/<class>/*`` and ``test/<class>/*``; classes sorted by name, files by name."""
     train_dir, test_dir = path / "train", path / "test"
     if not train_dir.is_dir() or not test_dir.is_dir():
-        raise FmaskError(f"{path} needs train/ and test/ subfolders with one folder per class; fix the folder: path")
+        raise FmaskError(f"{path} needs train/ and test/ subfolders with one folder per class (a labeled benchmark, "
+                         "whose ground truth labels each query); for your own images use `fmask build-pool --images "
+                         f"{path}` and label each batch with `fmask label --answers`")
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
     if not classes:
         raise FmaskError(f"{train_dir} has no class subfolders; put images in train/<class>/")

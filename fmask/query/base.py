@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fmask.errors import FmaskError
-from fmask.train.augment import autocast, device_images, resolve_precision
+from fmask.train.augment import autocast, resolve_precision
 
 ProgressFn = Callable[[str, int, int], None]  # (task description, done, total)
 
@@ -29,7 +29,8 @@ class Selection:
 
 @dataclass
 class QueryContext:
-    model: nn.Module  # eval mode, on ``device``; has forward_features(x) and head (nn.Linear)
+    model: Optional[nn.Module]  # eval mode, on ``device``; has forward_features(x) and head (nn.Linear); None for
+    # strategies that use no model (``needs_model = False``)
     pool: Any  # fmask.pool.Pool: pool.inputs(ids) -> normalized float tensor (n, C, H, W)
     labeled_ids: list[int]
     unlabeled_ids: list[int]  # the candidates, ascending sample ids
@@ -58,25 +59,28 @@ class QueryContext:
             # auto | bf16 | fp16 trade that for speed on GPUs.
             precision = resolve_precision(self.options.get("precision", "fp32"), self.device)
             memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
-            # Pools with a uint8 cache: read it into device memory once (unless it does not fit), normalise there.
+            # Pools with a uint8 cache: each batch's rows are read from the memory-mapped cache (never the whole
+            # pool in host memory), moved to the device as uint8 and normalised there.
             uint8 = hasattr(self.pool, "images") and hasattr(self.pool, "normalize")
-            images = device_images(self.pool.images(ids), self.device)[0] if uint8 else None
-            logits, feats = [], []
+            # Results go into tensors allocated once: small per-batch pieces kept until the end would sit between
+            # the freed batch buffers and fragment the heap, which then grows with the pool.
+            logits = torch.empty(len(ids), self.model.head.out_features)
+            feats = torch.empty(len(ids), self.model.head.in_features)
             for start in range(0, len(ids), self.batch_size):
+                stop = min(start + self.batch_size, len(ids))
                 if uint8:
-                    x = self.pool.normalize(images[start : start + self.batch_size].to(self.device))
+                    batch = self.pool.images(ids[start:stop])
+                    x = self.pool.normalize(batch.to(self.device, non_blocking=True))
                 else:
-                    x = self.pool.inputs(ids[start : start + self.batch_size]).to(self.device)
+                    x = self.pool.inputs(ids[start:stop]).to(self.device)
+                if x.dim() == 4:  # images (cached backbone features are (n, E))
+                    x = x.contiguous(memory_format=memory_format)
                 with autocast(precision, self.device):
-                    h = self.model.forward_features(x.contiguous(memory_format=memory_format))
-                    logits.append(self.model.head(h).float().cpu())
-                feats.append(h.float().cpu())
-                self.report("forward pass", min(start + self.batch_size, len(ids)), len(ids))
-            n_cls = self.model.head.out_features
-            self._cache[key] = (
-                torch.cat(logits) if logits else torch.empty(0, n_cls),
-                torch.cat(feats) if feats else torch.empty(0, self.model.head.in_features),
-            )
+                    h = self.model.forward_features(x)
+                    logits[start:stop] = self.model.head(h).float().cpu()
+                feats[start:stop] = h.float().cpu()
+                self.report("forward pass", stop, len(ids))
+            self._cache[key] = (logits, feats)
         return self._cache[key]
 
     def probs(self) -> torch.Tensor:
@@ -93,10 +97,22 @@ class Strategy(ABC):
 
     name: str = ""
     needs_mask: bool = False  # True: ``fmask query`` refuses to run without --mask
+    needs_labels: bool = False  # True: scores come from a head trained on labels; an empty labeled set is refused
+    needs_mc_dropout: bool = False  # True: needs a checkpoint trained with --mc-dropout (``fmask run`` trains one)
+    cold_start: bool = False  # True: uses no prediction, so it runs on a pretrained backbone without a checkpoint
+    needs_model: bool = True  # False: uses no model at all, so it runs without --ckpt and without a backbone (the
+    # first batch of a pool with no labels)
 
     @abstractmethod
     def select(self, ctx: QueryContext, batch: int) -> Selection:
         """Pick ``batch`` distinct ids from ``ctx.unlabeled_ids``."""
+
+
+def require_labeled(ctx: QueryContext, strategy: str) -> None:
+    """Refuse the cold start for a strategy whose scores need a classifier trained on labels."""
+    if not ctx.labeled_ids:
+        raise FmaskError(f"strategy {strategy!r} needs a model trained on labeled samples and the labeled set is empty; "
+                         "start with typiclust, probcover, kcenter or random")
 
 
 def top_scores(ctx: QueryContext, scores: torch.Tensor, batch: int) -> Selection:

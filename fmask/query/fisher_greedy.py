@@ -32,7 +32,7 @@ from typing import Literal, Optional
 
 import torch
 
-from fmask.device import free_memory_bytes
+from fmask.device import format_bytes, usable_memory_bytes
 from fmask.errors import FmaskError
 from fmask.query.base import ProgressFn
 
@@ -40,7 +40,6 @@ FisherMode = Literal["auto", "dense", "factored"]
 M0 = Literal["identity", "fisher"]
 M0_FISHER_RIDGE = 1e-6  # relative to F's mean diagonal; see the module docstring
 
-_GIB = 1024**3
 _MAX_CHUNK_ROWS = 8192  # rows of chunk x r per matmul: past this, bigger chunks no longer speed anything up
 _PROBE_SEED = 20240503  # fixed so the guard (and so the selection) is reproducible
 
@@ -61,9 +60,9 @@ class FisherGreedyPlan:
 
 
 def default_memory_limit(device: torch.device | str) -> int:
-    """A sensible share of what the device has free: 80% of free GPU memory, 60% of available RAM on CPU."""
-    device = torch.device(device)
-    return int((0.8 if device.type == "cuda" else 0.6) * free_memory_bytes(device))
+    """The --memory-limit in force, else a share of what the device has free: 80% of free GPU memory, 60% of
+    available RAM on CPU (fmask.device.usable_memory_bytes)."""
+    return usable_memory_bytes(device)
 
 
 def estimate_memory(
@@ -86,7 +85,9 @@ def estimate_memory(
     """
     e = torch.empty(0, dtype=dtype).element_size()
     n, r, d = num_candidates, rank, dim
-    square = 2 * d * d * e  # A = M^-1 plus the scratch of rebuilding it (M, then its Cholesky factor)
+    # D x D: A = M^-1, or while (re)building it (A freed first): λI and M, then M and its Cholesky factor L,
+    # then L, the inverse and the working copy of L that cholesky_inverse makes on CUDA (cuSOLVER): 3 at most.
+    square = 3 * d * d * e
     if dense_fisher and fisher_copy:
         square += d * d * e
     state = 5 * n * r * r * e + 16 * n  # G, H and the batched solve's workspace; masks and gains
@@ -165,7 +166,7 @@ def plan_fisher_greedy(
                 chunk = int(min(cap, fit))
                 return FisherGreedyPlan(dense, chunk, resident, need(dense, chunk, resident), memory_limit)
 
-    limit_gib = memory_limit / _GIB
+    limit = format_bytes(memory_limit)
     smallest = min(need(dense, 1, False) for dense in modes)
     if chunk_size is not None and smallest <= memory_limit:
         best = max(
@@ -173,14 +174,14 @@ def plan_fisher_greedy(
             for dense in modes
         )
         raise FmaskError(
-            f"--chunk-size {chunk_size} needs about {min(need(m, chunk_size, False) for m in modes) / _GIB:.2f} GiB "
-            f"for the Fisher-greedy step, over the {limit_gib:.2f} GiB memory limit; use --chunk-size {best} or less"
+            f"--chunk-size {chunk_size} needs about {format_bytes(min(need(m, chunk_size, False) for m in modes))} "
+            f"for the Fisher-greedy step, over the {limit} memory limit; use --chunk-size {best} or less"
         )
     wider = " or drop --float64," if dtype == torch.float64 else ","
     raise FmaskError(
-        f"Fisher-greedy selection with D={d} needs about {smallest / _GIB:.2f} GiB on {torch.device(device)} "
-        f"(D x D matrices; even at --chunk-size 1), over the {limit_gib:.2f} GiB memory limit: use {shrink_hint}"
-        f"{wider} or run on a device with more memory"
+        f"Fisher-greedy selection with D={d} needs about {format_bytes(smallest)} on {torch.device(device)} "
+        f"(D x D matrices; even at --chunk-size 1), over the {limit} memory limit: use {shrink_hint}"
+        f"{wider} raise --memory-limit, or run on a device with more memory"
     )
 
 

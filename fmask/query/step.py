@@ -1,5 +1,7 @@
 """``fmask query``: load the checkpoint, its pool and labeled set, run a registered strategy over the unlabeled
-pool and write the selected-index JSON (sample ids in selection order, scores, timing, input hashes)."""
+pool and write the selected-index JSON (sample ids in selection order, their paths for pools from your own files,
+scores, timing, input hashes) and the same list as a CSV beside it. Strategies that use no model (random) run
+without a checkpoint: the first batch of a pool with no labels."""
 
 from __future__ import annotations
 
@@ -11,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from fmask import __version__, distributed
-from fmask.device import resolve_device
+from fmask import __version__, distributed, paths
+from fmask.device import memory_budget, resolve_device
 from fmask.errors import FmaskError
-from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_write_json, check_writable, output_lock, read_json, seal_json,
-                      sha256_file, step_is_current)
-from fmask.query.base import ProgressFn, QueryContext
-from fmask.query.registry import get_strategy
+from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_write_bytes, atomic_write_json, check_writable, output_lock,
+                      read_json, seal_json, sha256_file, step_is_current)
+from fmask.numerics import deterministic_enabled, exact_float32
+from fmask.query.base import ProgressFn, QueryContext, read_option
+from fmask.query.registry import get_strategy, list_strategies
 from fmask.train.checkpoint import open_round
 
 QUERY = "fmask query"
@@ -37,22 +40,90 @@ def check_selection(selected: list[int], candidates: list[int], batch: int, stra
         raise RuntimeError(f"strategy {strategy!r} broke the selection contract: {len(selected)} ids for batch {batch}")
 
 
-def run_query(*, ckpt: str | os.PathLike, out: str | os.PathLike, strategy: str, batch: int,
+def query_csv_text(data: dict) -> str:
+    """The selection as a CSV: rank, sample_id, path, score (what people who just want the list open)."""
+    from fmask.pool.files import csv_text
+
+    rows = ((rank, sample_id, path or "", score) for rank, (sample_id, path, score) in
+            enumerate(zip(data["selected"], data.get("selected_paths") or [None] * len(data["selected"]),
+                          data["scores"]), start=1))
+    return csv_text(("rank", "sample_id", "path", "score"), rows)
+
+
+@dataclass
+class ModelFree:
+    """A query that uses no model at all (random without --ckpt or a backbone): the pool, its labeled set
+    (possibly empty) and the candidates; the first batch of a pool with no labels."""
+
+    pool: Any
+    pool_dir: Path
+    labeled_set: Any
+    labeled_path: Path
+    unlabeled_ids: list[int]
+    checkpoint: None = None
+    backbone: None = None
+
+    def strategy_view(self, device: Any, progress: Optional[ProgressFn] = None) -> tuple[None, Any]:
+        return None, self.pool
+
+
+def open_model_free(*, pool_dir: Optional[str | os.PathLike], labeled: Optional[str | os.PathLike]) -> ModelFree:
+    if pool_dir is None:
+        raise FmaskError("without --ckpt, give --pool (the pool to pick from)")
+    from fmask.label.labeled import load_labeled
+    from fmask.pool.pool import load_pool
+
+    pool = load_pool(pool_dir)
+    labeled_path = Path(labeled) if labeled is not None else paths.pool_labeled(pool_dir)
+    labeled_set = load_labeled(labeled_path, pool)
+    taken = set(labeled_set.ids)
+    return ModelFree(pool, Path(pool_dir), labeled_set, labeled_path, [int(i) for i in pool.ids if i not in taken])
+
+
+@exact_float32()  # scores rank candidates by small differences: no TF32 (see fmask.numerics)
+def run_query(*, ckpt: Optional[str | os.PathLike], out: str | os.PathLike, strategy: str, batch: int,
               pool_dir: Optional[str | os.PathLike] = None, labeled: Optional[str | os.PathLike] = None,
               mask: Optional[str | os.PathLike] = None, seed: int = 0, device: str = "auto",
               options: Optional[dict[str, Any]] = None, batch_size: int = 256, force: bool = False,
-              progress: Optional[ProgressFn] = None) -> QueryResult:
+              progress: Optional[ProgressFn] = None, model: Optional[str] = None,
+              weights: Optional[str | os.PathLike] = None, input_size: Optional[int] = None,
+              mean: Optional[list[float]] = None, std: Optional[list[float]] = None) -> QueryResult:
+    """Select ``batch`` ids with ``strategy`` and write the query JSON ``out`` and the same list as CSV beside it.
+
+    Without ``ckpt``: strategies that use no model (random) need only ``pool_dir``; a cold start gives
+    ``pool_dir``, ``model`` and pretrained ``weights`` (with optional ``input_size``/``mean``/``std``): the backbone
+    whose cached features the feature-only strategies use. With a ``--finetune head`` checkpoint, ``weights``
+    replaces the backbone file it records."""
     # Unset options (None) mean "the strategy's default" and are not recorded.
     out, options = Path(out), {k: v for k, v in (options or {}).items() if v is not None}
     chosen = get_strategy(strategy)
     if batch <= 0:
         raise FmaskError(f"--batch {batch} must be positive")
-    opened = open_round(ckpt, pool_dir=pool_dir, labeled=labeled)
+    if paths.query_csv(out) == out:
+        raise FmaskError(f"--out {out} must not end in .csv: the CSV list is written beside the JSON; give a .json path")
+    if ckpt is None:
+        if not chosen.cold_start:
+            raise FmaskError(f"strategy {strategy!r} needs a trained model's predictions; pass --ckpt (without one "
+                             f"only {', '.join(s for s in list_strategies() if get_strategy(s).cold_start)} run)")
+        if not chosen.needs_model and model is None and weights is None:
+            opened = open_model_free(pool_dir=pool_dir, labeled=labeled)
+        else:
+            from fmask.train.features import open_cold_start
+
+            opened = open_cold_start(pool_dir=pool_dir, labeled=labeled, model=model, weights=weights,
+                                     input_size=input_size, mean=mean, std=std)
+    else:
+        if model is not None or input_size is not None or mean is not None or std is not None:
+            raise FmaskError("--model, --input-size, --mean and --std describe a cold start's backbone; a --ckpt "
+                             "records its own, drop them")
+        opened = open_round(ckpt, pool_dir=pool_dir, labeled=labeled, weights=weights)
     checkpoint, pool, pool_dir = opened.checkpoint, opened.pool, opened.pool_dir
     labeled_path, labeled_set, candidates = opened.labeled_path, opened.labeled_set, opened.unlabeled_ids
     if batch > len(candidates):
         raise FmaskError(f"--batch {batch} is larger than the unlabeled pool ({len(candidates)} samples); lower --batch")
     mask_file, mask_hash = None, None
+    if mask is not None and checkpoint is None:
+        raise FmaskError("--mask comes from `fmask fisher` on a checkpoint; a cold start without --ckpt takes none")
     if mask is not None:
         from fmask.fisher import load_mask
 
@@ -60,16 +131,27 @@ def run_query(*, ckpt: str | os.PathLike, out: str | os.PathLike, strategy: str,
         mask_hash = sha256_file(mask)
     if chosen.needs_mask and mask_file is None:
         raise FmaskError(f"strategy {strategy!r} needs --mask (run `fmask fisher --ckpt {ckpt} --out MASK` first)")
-    inputs = {"checkpoint": checkpoint.hash, "pool": pool.hash, "labeled": labeled_set.hash, "mask": mask_hash}
+    inputs = {"checkpoint": checkpoint.hash if checkpoint is not None else None, "pool": pool.hash,
+              "labeled": labeled_set.hash, "mask": mask_hash}
+    if checkpoint is None and opened.backbone is not None:  # a cold start: the backbone's weights and
+        # preprocessing made the features
+        inputs.update(weights=opened.backbone.weights.sha256, model=opened.backbone.model,
+                      preprocessing=opened.backbone.preprocessing)
     step = {"inputs": inputs, "strategy": strategy, "batch": batch, "seed": seed, "options": options}
+    if deterministic_enabled():
+        step["deterministic"] = True
     # Under torchrun every rank runs the strategy (the Fisher-greedy ones shard their work); rank 0 alone locks,
     # decides whether the output is current and writes it. Single-process, main_decides just calls the function.
     with ExitStack() as held:
         def lock_and_check() -> Optional[dict]:
-            held.enter_context(output_lock(out.parent, "query", outputs=(out.name,)))
+            held.enter_context(output_lock(out.parent, "query", outputs=(out.name, paths.query_csv(out).name)))
             if not force and step_is_current(out, step):
-                return read_json(out, what="query", made_by=QUERY)
+                current = read_json(out, what="query", made_by=QUERY)
+                if not paths.query_csv(out).is_file():  # a run killed between the two files gets its CSV now
+                    atomic_write_bytes(paths.query_csv(out), query_csv_text(current).encode())
+                return current
             check_writable(out)
+            check_writable(paths.query_csv(out))
             return None
 
         current = distributed.main_decides(lock_and_check)
@@ -77,27 +159,35 @@ def run_query(*, ckpt: str | os.PathLike, out: str | os.PathLike, strategy: str,
             return QueryResult(out, True, current)
 
         torch_device = resolve_device(device)
-        context = QueryContext(model=checkpoint.model.to(torch_device), pool=pool, labeled_ids=list(labeled_set.ids),
-                               unlabeled_ids=candidates, device=torch_device, seed=seed, mask=mask_file,
-                               options=options, batch_size=batch_size, progress=progress)
+        # A head checkpoint or a cold start: the head alone on the pool's cached backbone features (no model at
+        # all for a model-free query).
+        strategy_model, strategy_pool = opened.strategy_view(torch_device, progress)
+        context = QueryContext(model=strategy_model.to(torch_device) if strategy_model is not None else None,
+                               pool=strategy_pool,
+                               labeled_ids=list(labeled_set.ids), unlabeled_ids=candidates, device=torch_device,
+                               seed=seed, mask=mask_file, options=options, batch_size=batch_size, progress=progress)
         started = time.perf_counter()
-        selection = chosen.select(context, batch)
+        with memory_budget(read_option(options, "memory_limit", int, None)):  # --memory-limit: every plan uses it
+            selection = chosen.select(context, batch)
         seconds = time.perf_counter() - started
         check_selection(selection.ids, candidates, batch, strategy)
         if any(math.isnan(float(score)) for score in selection.scores):
             # NaN ranks nothing: the ids would be arbitrary, so no query is written (±inf is a valid score).
             raise FmaskError(f"strategy {strategy!r} scored candidates NaN (checkpoint {ckpt} gives non-finite outputs "
                              "on this pool); nothing was written; retrain it with `fmask train`")
+        selected = [int(i) for i in selection.ids]
         data = seal_json({
             "format": FORMAT_VERSION, "kind": "query", "fmask_version": __version__, "strategy": strategy,
-            "batch": batch, "seed": seed, "round": labeled_set.round + 1, "selected": [int(i) for i in selection.ids],
+            "batch": batch, "seed": seed, "round": labeled_set.round + 1, "selected": selected,
+            "selected_paths": pool.paths(selected) if pool.has_paths else None,
             "scores": [float(s) for s in selection.scores], "seconds": seconds, "options": options,
             "details": selection.details,
-            "inputs": inputs, "checkpoint_path": str(Path(ckpt).resolve()), "pool_dir": str(pool_dir.resolve()),
-            "labeled_path": str(labeled_path.resolve()), STEP_KEY: step,
+            "inputs": inputs, "checkpoint_path": str(Path(ckpt).resolve()) if ckpt is not None else None,
+            "pool_dir": str(pool_dir.resolve()), "labeled_path": str(labeled_path.resolve()), STEP_KEY: step,
         })
         if distributed.is_main():
-            atomic_write_json(out, data)
+            atomic_write_bytes(paths.query_csv(out), query_csv_text(data).encode())
+            atomic_write_json(out, data)  # last: a current query means its CSV is complete too
         distributed.barrier()  # the query exists on disk before any rank returns
     return QueryResult(out, False, data)
 

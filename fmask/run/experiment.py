@@ -9,6 +9,7 @@ Layout (what ``fmask plot`` reads):
     OUT/timings.csv                     seconds per executed step
     OUT/seed{S}/pool/                   the pool and its round-0 labeled set
     OUT/seed{S}/round0.pt               round-0 model, shared by every strategy of the seed
+    OUT/seed{S}/round0-mc-dropout.pt    the same with --mc-dropout 0.3, shared by bald and batchbald
     OUT/seed{S}/{strategy}/round{R}.pt, query{R}.json, labeled{R}.json, fisher{R}.safetensors, metrics.csv
 """
 
@@ -19,7 +20,7 @@ import os
 import shutil
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -36,6 +37,10 @@ from fmask.query.registry import get_strategy
 from fmask.query.step import run_query
 from fmask.train.trainer import TrainConfig, train
 
+
+# The dropout rate before the head for the chains of strategies that need MC dropout (bald, batchbald), round 0
+# included; the other chains train without dropout, as in the paper.
+MC_DROPOUT = 0.3
 
 
 @dataclass
@@ -225,15 +230,20 @@ def _run_locked(out: Path, config: ExperimentConfig, progress: Optional[Progress
             check_mask_sparsity(config, load_pool(pool_dir))  # before any training, not at the first query
         train_config = TrainConfig(model=config.model, max_epochs=config.epochs, batch_size=config.train_batch_size,
                                    target_train_accuracy=config.target_train_accuracy, seed=seed)
-        round0 = seed_dir / "round0.pt"
-        timed("train", "-", seed, 0, lambda: train(pool_dir=pool_dir, labeled=paths.pool_labeled(pool_dir),
-                                                   out=round0, config=train_config, device=config.device,
-                                                   progress=progress))
+        round0s = {0.0: seed_dir / "round0.pt"}
+        if any(get_strategy(name).needs_mc_dropout for name in config.strategies):
+            round0s[MC_DROPOUT] = seed_dir / "round0-mc-dropout.pt"
+        for dropout, round0 in round0s.items():
+            timed("train", "-", seed, 0, lambda: train(pool_dir=pool_dir, labeled=paths.pool_labeled(pool_dir),
+                                                       out=round0, config=replace(train_config, mc_dropout=dropout),
+                                                       device=config.device, progress=progress))
         for strategy in config.strategies:
             chain = seed_dir / strategy
             chain.mkdir(parents=True, exist_ok=True)
-            adopt_checkpoint(round0, chain / "round0.pt")
             chosen = get_strategy(strategy)
+            dropout = MC_DROPOUT if chosen.needs_mc_dropout else 0.0
+            chain_config = replace(train_config, mc_dropout=dropout)
+            adopt_checkpoint(round0s[dropout], chain / "round0.pt")
             needs_mask = chosen.needs_mask
             # The variant the mask records (fmask query follows it); named variants pin theirs.
             variant = {"embedding_rows": config.embedding_rows, "m0": config.m0, **getattr(chosen, "pinned", {})}
@@ -256,7 +266,7 @@ def _run_locked(out: Path, config: ExperimentConfig, progress: Optional[Progress
                 labeled = chain / f"labeled{round_ + 1}.json"
                 timed("label", strategy, seed, round_ + 1, lambda: run_label(query=query, out=labeled))
                 timed("train", strategy, seed, round_ + 1, lambda: train(
-                    pool_dir=pool_dir, labeled=labeled, out=chain / f"round{round_ + 1}.pt", config=train_config,
+                    pool_dir=pool_dir, labeled=labeled, out=chain / f"round{round_ + 1}.pt", config=chain_config,
                     device=config.device, progress=progress))
                 done += 1
     if on_step:

@@ -6,12 +6,27 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from fmask import paths
 from fmask.io import atomic_write_bytes
 
 COLUMNS = ["checkpoint", "strategy", "seed", "train_seed", "round", "labeled", "accuracy", "balanced_accuracy",
-           "train_accuracy", "epochs", "train_seconds", "per_class_accuracy", "labeled_counts"]
+           "train_accuracy", "epochs", "train_seconds", "per_class_accuracy", "labeled_counts", "evaluated_on"]
+# evaluated_on: "test" (the pool's test split), "validation" (train --val-fraction), "none" (no test set: accuracy
+# is empty); rows written before the column existed were measured on the test split.
+
+
+def test_metrics(predicted: torch.Tensor, truth: torch.Tensor, num_classes: int) -> dict:
+    """Accuracy, balanced accuracy (mean over the classes present) and per-class accuracy (NaN for a class absent
+    from the test split) of ``predicted`` class indices against ``truth``."""
+    per_class = []
+    for cls in range(num_classes):
+        members = truth == cls
+        per_class.append(float((predicted[members] == cls).float().mean()) if members.any() else float("nan"))
+    present = [a for a in per_class if a == a]
+    return {"accuracy": float((predicted == truth).float().mean()), "balanced_accuracy": sum(present) / len(present),
+            "per_class_accuracy": per_class, "test_samples": int(len(truth))}
 
 
 def record_metrics(checkpoint: Path, *, labeled_set, metrics: dict, train_seed: int | None = None) -> None:
@@ -27,11 +42,14 @@ def record_metrics(checkpoint: Path, *, labeled_set, metrics: dict, train_seed: 
         "balanced_accuracy": metrics["balanced_accuracy"], "train_accuracy": metrics.get("train_accuracy"),
         "epochs": metrics.get("epochs"), "train_seconds": metrics.get("train_seconds"),
         "per_class_accuracy": json.dumps(metrics["per_class_accuracy"]), "labeled_counts": json.dumps(counts),
+        "evaluated_on": metrics.get("evaluated_on", "test"),
     }
     table = read_metrics(csv_path)
     if len(table) and (table["checkpoint"] == row["checkpoint"]).any():
         recorded = table[table["checkpoint"] == row["checkpoint"]].iloc[0]
-        if float(recorded["accuracy"]) == row["accuracy"] and int(recorded["labeled"]) == row["labeled"]:
+        same_accuracy = (pd.isna(recorded["accuracy"]) and row["accuracy"] is None) or \
+            (row["accuracy"] is not None and float(recorded["accuracy"]) == row["accuracy"])
+        if same_accuracy and int(recorded["labeled"]) == row["labeled"]:
             return  # already recorded: a resumed or skipped step rewrites nothing
     table = table[table["checkpoint"] != row["checkpoint"]] if len(table) else table
     table = pd.concat([table, pd.DataFrame([row], columns=COLUMNS)], ignore_index=True) if len(table) \

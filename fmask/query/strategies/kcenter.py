@@ -138,6 +138,8 @@ def check_batch(ctx: QueryContext, batch: int) -> None:
 class KCenterStrategy(Strategy):
     """Core-set selection: farthest-first over penultimate embeddings, starting from the labeled set."""
 
+    cold_start = True  # features only: works on a pretrained backbone before any checkpoint exists
+
     def select(self, ctx: QueryContext, batch: int) -> Selection:
         check_batch(ctx, batch)
         candidates = ctx.features(ctx.unlabeled_ids)
