@@ -8,7 +8,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, TypeVar
 
 import numpy as np
 
@@ -84,6 +84,31 @@ def load_labeled(path: str | os.PathLike, pool) -> LabeledSet:
     data = read_json(path, what="labeled set", made_by="fmask build-pool` or `fmask label")
     validate_labeled(data, path, pool)
     return LabeledSet(path, data, sha256_file(path))
+
+
+@dataclass
+class LabeledPool:
+    """A pool, a labeled set of it and the candidates left to label: what every step that scores or picks reads
+    (a checkpoint's round, a cold start, a model-free first batch)."""
+
+    pool: Any  # fmask.pool.pool.Pool
+    pool_dir: Path
+    labeled_set: LabeledSet
+    labeled_path: Path
+    unlabeled_ids: list[int]  # ascending sample ids not in the labeled set
+
+
+T = TypeVar("T", bound=LabeledPool)
+
+
+def open_labeled_pool(pool: Any, pool_dir: str | os.PathLike, labeled_path: str | os.PathLike, *,
+                      kind: type[T] = LabeledPool, **extra: Any) -> T:
+    """Load the labeled set at ``labeled_path`` against ``pool`` and collect the candidates; ``kind`` (a
+    LabeledPool subclass) and ``extra`` add what the caller holds beside them."""
+    labeled_set = load_labeled(labeled_path, pool)
+    taken = set(labeled_set.ids)
+    return kind(pool=pool, pool_dir=Path(pool_dir), labeled_set=labeled_set, labeled_path=Path(labeled_path),
+                unlabeled_ids=[int(i) for i in pool.ids if i not in taken], **extra)
 
 
 def extend_labeled(previous: LabeledSet, ids: Sequence[int], labels: Sequence[int], *, round_: int, source: str,

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from fmask import __version__, distributed, paths
 from fmask.device import memory_budget, resolve_device
 from fmask.errors import FmaskError
+from fmask.label.labeled import LabeledPool, open_labeled_pool
 from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_write_bytes, atomic_write_json, check_writable, output_lock,
                       read_json, seal_json, sha256_file, step_is_current)
 from fmask.numerics import deterministic_enabled, exact_float32
@@ -51,15 +52,10 @@ def query_csv_text(data: dict) -> str:
 
 
 @dataclass
-class ModelFree:
-    """A query that uses no model at all (random without --ckpt or a backbone): the pool, its labeled set
-    (possibly empty) and the candidates; the first batch of a pool with no labels."""
+class ModelFree(LabeledPool):
+    """A query that uses no model at all (random without --ckpt or a backbone): the first batch of a pool with no
+    labels."""
 
-    pool: Any
-    pool_dir: Path
-    labeled_set: Any
-    labeled_path: Path
-    unlabeled_ids: list[int]
     checkpoint: None = None
     backbone: None = None
 
@@ -70,14 +66,10 @@ class ModelFree:
 def open_model_free(*, pool_dir: Optional[str | os.PathLike], labeled: Optional[str | os.PathLike]) -> ModelFree:
     if pool_dir is None:
         raise FmaskError("without --ckpt, give --pool (the pool to pick from)")
-    from fmask.label.labeled import load_labeled
     from fmask.pool.pool import load_pool
 
-    pool = load_pool(pool_dir)
-    labeled_path = Path(labeled) if labeled is not None else paths.pool_labeled(pool_dir)
-    labeled_set = load_labeled(labeled_path, pool)
-    taken = set(labeled_set.ids)
-    return ModelFree(pool, Path(pool_dir), labeled_set, labeled_path, [int(i) for i in pool.ids if i not in taken])
+    labeled_path = labeled if labeled is not None else paths.pool_labeled(pool_dir)
+    return open_labeled_pool(load_pool(pool_dir), pool_dir, labeled_path, kind=ModelFree)
 
 
 @exact_float32()  # scores rank candidates by small differences: no TF32 (see fmask.numerics)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fmask.errors import FmaskError
+from fmask.label.labeled import LabeledPool, open_labeled_pool
 from fmask.io import FORMAT_VERSION, STEP_KEY, atomic_torch_save, read_torch, sha256_file
 from fmask.train.models import build_model, set_head_dropout
 
@@ -147,15 +148,10 @@ def load_model(path: str | os.PathLike) -> nn.Module:
 
 
 @dataclass
-class Round:
+class Round(LabeledPool):
     """A checkpoint with the pool and labeled set it belongs to, and the candidates left to label."""
 
     checkpoint: Checkpoint
-    pool: Any  # fmask.pool.pool.Pool
-    pool_dir: Path
-    labeled_set: Any  # fmask.label.labeled.LabeledSet
-    labeled_path: Path
-    unlabeled_ids: list[int]  # ascending sample ids
 
     def strategy_view(self, device: torch.device, progress=None) -> tuple[nn.Module, Any]:
         """The model and the pool that strategies and the Fisher pass see: the checkpoint's model on the pool's
@@ -171,7 +167,6 @@ def open_round(ckpt: str | os.PathLike, *, pool_dir: Optional[str | os.PathLike]
                labeled: Optional[str | os.PathLike] = None, weights: Optional[str | os.PathLike] = None) -> Round:
     """Load a checkpoint, its pool (refused when its hash differs from the checkpoint's) and a labeled set
     (default: the one the checkpoint was trained on); ``weights`` replaces a head checkpoint's backbone file."""
-    from fmask.label.labeled import load_labeled
     from fmask.pool.pool import load_pool
     from fmask.threads import fit_threads_to_work
 
@@ -181,9 +176,7 @@ def open_round(ckpt: str | os.PathLike, *, pool_dir: Optional[str | os.PathLike]
     if pool.hash != checkpoint.pool_hash:
         raise FmaskError(f"checkpoint {ckpt} was trained on another pool (hash {checkpoint.pool_hash[:12]}, "
                          f"{pool_dir} has {pool.hash[:12]}); pass the --pool it was trained on")
-    labeled_path = Path(labeled) if labeled is not None else Path(checkpoint.labeled_path)
-    labeled_set = load_labeled(labeled_path, pool)
+    labeled_path = labeled if labeled is not None else checkpoint.labeled_path
+    opened = open_labeled_pool(pool, pool_dir, labeled_path, kind=Round, checkpoint=checkpoint)
     fit_threads_to_work(checkpoint.model, pool.image_shape, what=checkpoint.arch)  # the CLI's thread policy
-    taken = set(labeled_set.ids)
-    unlabeled = [int(i) for i in pool.ids if i not in taken]
-    return Round(checkpoint, pool, pool_dir, labeled_set, labeled_path, unlabeled)
+    return opened

@@ -17,6 +17,7 @@ from torch import nn
 import fmask
 from fmask import paths
 from fmask.errors import FmaskError
+from fmask.label.labeled import LabeledPool, open_labeled_pool
 from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_save_safetensors, check_writable, mmap_safetensors,
                       output_lock, sha256_json, step_is_current)
 from fmask.query.base import ProgressFn
@@ -147,16 +148,11 @@ def head_view(checkpoint: Any, pool: Any, *, device: torch.device,
 
 
 @dataclass
-class ColdStart:
+class ColdStart(LabeledPool):
     """What ``fmask query`` needs without a checkpoint: the pool, its labeled set (possibly empty), the
     candidates and the pretrained backbone whose features the feature-only strategies use."""
 
     backbone: Backbone
-    pool: Any
-    pool_dir: Path
-    labeled_set: Any
-    labeled_path: Path
-    unlabeled_ids: list[int]
     checkpoint: None = None
 
     def strategy_view(self, device: torch.device, progress: Optional[ProgressFn] = None
@@ -175,7 +171,6 @@ def open_cold_start(*, pool_dir: Optional[str | os.PathLike], labeled: Optional[
                     std: Optional[Sequence[float]] = None) -> ColdStart:
     """The pool (``--pool``), its labeled set (default: the pool's round-0 set, which may be empty) and the
     backbone of ``--model`` with ``--weights``."""
-    from fmask.label.labeled import load_labeled
     from fmask.pool.pool import load_pool
     from fmask.train.models import build_model
 
@@ -184,10 +179,8 @@ def open_cold_start(*, pool_dir: Optional[str | os.PathLike], labeled: Optional[
                          "(a pretrained backbone whose features the strategy uses)")
     pool = load_pool(pool_dir)
     build_model(model, in_channels=pool.image_shape[0], num_classes=pool.num_classes)  # validate the name first
-    labeled_path = Path(labeled) if labeled is not None else paths.pool_labeled(pool_dir)
-    labeled_set = load_labeled(labeled_path, pool)
+    labeled_path = labeled if labeled is not None else paths.pool_labeled(pool_dir)
+    opened = open_labeled_pool(pool, pool_dir, labeled_path)  # the labeled set is checked before the backbone
     backbone = Backbone.resolve(model, weights, channels=pool.image_shape[0], input_size=input_size, mean=mean,
                                 std=std)
-    taken = set(labeled_set.ids)
-    unlabeled = [int(i) for i in pool.ids if i not in taken]
-    return ColdStart(backbone, pool, Path(pool_dir), labeled_set, labeled_path, unlabeled)
+    return ColdStart(**vars(opened), backbone=backbone)
