@@ -7,7 +7,7 @@ autograd loop and against the floor of r plain batched backward passes, on the s
 Models: any of fmask's (cnn, resnet18, torchvision:NAME), or cnn545k: the classic 545,098-parameter
 CIFAR CNN (conv 3→32, pool, conv 32→64, pool, dense 4096→128, head), the small CNN of the Fisher step's
 speed targets. All three parts run in one process under the same allocator setting (see
-fmask.cpu_allocator; FMASK_MALLOC_TUNING=0 turns it off for all three).
+fmask.core.cpu_allocator; FMASK_MALLOC_TUNING=0 turns it off for all three).
 
 (a) loop:  for every sample, one forward and r `torch.autograd.grad` calls over all parameters;
            pass 1 accumulates the Fisher diagonal, pass 2 gathers the masked entries (the mask needs
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from fmask.cpu_allocator import tune_cpu_allocator  # noqa: E402
+from fmask.core.cpu_allocator import tune_cpu_allocator  # noqa: E402
 from fmask.fisher.grads import fisher_diagonal, masked_embeddings, plan_fisher_pass  # noqa: E402
 from fmask.fisher.mask import MaskColumns, mask_size, top_k_mask  # noqa: E402
 from fmask.train.models import build_model  # noqa: E402

@@ -198,7 +198,7 @@ def _compare(cpu: dict, gpu: dict) -> dict:
 def _deterministic_rerun(device: torch.device, config: dict) -> dict:
     """Train the small CNN twice and compute a Fisher twice under --deterministic: identical to the bit?"""
     from fmask.fisher import fisher_diagonal
-    from fmask.numerics import deterministic_algorithms
+    from fmask.core.numerics import deterministic_algorithms
     from fmask.train.models import SmallCNN
     from fmask.train.trainer import TrainConfig, TrainLoop, validate_config
 
@@ -224,7 +224,7 @@ def _deterministic_rerun(device: torch.device, config: dict) -> dict:
 
 
 def stage_b(device: torch.device, config: dict, work: Path) -> dict:
-    from fmask.numerics import exact_float32
+    from fmask.core.numerics import exact_float32
 
     result: dict[str, Any] = {"tolerances": {
         "mask_overlap_min": MASK_OVERLAP_MIN, "selection_overlap_min": SELECTION_OVERLAP_MIN,
@@ -270,7 +270,7 @@ def _checkpoint(work: Path, config: dict, device: torch.device) -> tuple[Path, P
 
 def _floor_seconds(checkpoint: Path, pool_dir: Path, device: torch.device, batch_size: int) -> float:
     """r plain batched backward passes over the images the Fisher pass (unlabeled) and the embeddings (all) see."""
-    from fmask.label.labeled import load_labeled
+    from fmask.core.labeled import load_labeled
     from fmask.pool.pool import load_pool
     from fmask.train.checkpoint import load_checkpoint
 
@@ -326,7 +326,7 @@ def stage_d(device: torch.device, config: dict, work: Path) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             held = torch.cuda.memory_allocated(device)
-        seconds, run = _timed(device, lambda: fisher_greedy_detailed(pool, batch, dtype=dtype, device=device))
+        seconds, run = _timed(device, lambda pool=pool: fisher_greedy_detailed(pool, batch, dtype=dtype, device=device))
         picks[name] = run.positions
         entry = {"seconds": round(seconds, 2), "planned_bytes": run.plan.bytes_needed,
                  "dense_fisher": run.plan.dense_fisher, "chunk_size": run.plan.chunk_size,

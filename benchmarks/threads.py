@@ -32,7 +32,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from fmask.threads import USER_VARIABLES
+from fmask.core.threads import USER_VARIABLES
 
 FMASK = [sys.executable, "-m", "fmask"]
 BUSY_LOOP = "while True:\n    pass\n"

@@ -39,7 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from fmask.device import resolve_device  # noqa: E402
+from fmask.core.device import resolve_device  # noqa: E402
 from fmask.pool.pool import build_pool, load_pool  # noqa: E402
 from fmask.train.models import build_model  # noqa: E402
 from fmask.train.trainer import TrainConfig, TrainLoop, evaluate, validate_config  # noqa: E402

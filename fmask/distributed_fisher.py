@@ -20,16 +20,19 @@ from typing import Optional, Sequence
 
 import torch
 
-from fmask import distributed, paths
-from fmask.errors import FmaskError
+from fmask.core import distributed, paths
+from fmask.core.errors import FmaskError
 from fmask.fisher.grads import DEFAULT_BATCH_SIZE, fisher_diagonal, masked_embeddings
 from fmask.fisher.mask import MaskColumns
 from fmask.fisher.step import (EMBED_DTYPES, EMBEDDINGS_KIND, FISHER, FisherResult, embeddings_step, load_mask,
                                mask_artifact, prepare_fisher, run_fisher, stratified_subsample)
-from fmask.numerics import exact_float32
-from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_save_safetensors, check_writable, output_lock,
-                      read_safetensors_rows, safetensors_shapes, step_is_current)
-from fmask.query.base import ProgressFn
+from fmask.core.numerics import exact_float32
+from fmask.core.atomic import atomic_save_safetensors, check_writable
+from fmask.core.hashing import FORMAT_VERSION
+from fmask.core.locking import output_lock
+from fmask.core.readers import read_safetensors_rows, safetensors_shapes
+from fmask.core.steps import STEP_KEY, step_is_current
+from fmask.core.progress import ProgressFn
 
 
 def _version() -> str:
@@ -75,7 +78,7 @@ def sharded_masked_embeddings(model: torch.nn.Module, pool, ids: Sequence[int], 
     """Masked gradient embeddings (N, r, k) of ``ids``; each rank computes its shard (whole batches).
 
     ``gather``: every rank returns all N rows in ``ids`` order; otherwise only its own shard's rows (the rows
-    :func:`fmask.distributed.shard_bounds` with ``align=batch_size`` gives it). Collective.
+    :func:`fmask.core.distributed.shard_bounds` with ``align=batch_size`` gives it). Collective.
     """
     ids = [int(i) for i in ids]
     local = distributed.shard(ids, align=batch_size)
@@ -222,7 +225,7 @@ def local_mask_embeddings(mask_file, model: torch.nn.Module, pool, unlabeled: Se
                           rows: Optional[str] = None, progress: Optional[ProgressFn] = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's rows of the masked embeddings (its block of ``unlabeled``, its block of ``labeled``, both by
-    :func:`fmask.distributed.shard` with ``align=batch_size``): sliced from the cache ``fmask fisher`` wrote when
+    :func:`fmask.core.distributed.shard` with ``align=batch_size``): sliced from the cache ``fmask fisher`` wrote when
     it is current, computed for the block alone otherwise (nothing is written: the cache is rank 0's to write).
     Collective when computing."""
     unlabeled, labeled = [int(i) for i in unlabeled], [int(i) for i in labeled]

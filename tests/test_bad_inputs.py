@@ -11,8 +11,8 @@ import shutil
 import pytest
 import torch
 
-from fmask import paths
-from fmask.io import seal_json
+from fmask.core import paths
+from fmask.core.hashing import seal_json
 from tests.conftest import TINY_COUNTS, invoke, refused_line, snapshot
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fmask.errors import FmaskError
+from fmask.core.errors import FmaskError
 from fmask.query.base import QueryContext
 from fmask.query.fisher_greedy import fisher_greedy
 from fmask.query.registry import get_strategy, list_strategies

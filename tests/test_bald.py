@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from fmask.errors import FmaskError
-from fmask.label.labeled import load_labeled
+from fmask.core.errors import FmaskError
+from fmask.core.labeled import load_labeled
 from fmask.pool.pool import load_pool
 from fmask.query import bald_scores, batchbald_select
 from fmask.query.base import QueryContext

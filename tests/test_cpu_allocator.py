@@ -1,4 +1,4 @@
-"""The glibc malloc tuning that keeps freed multi-MiB buffers for reuse (fmask.cpu_allocator)."""
+"""The glibc malloc tuning that keeps freed multi-MiB buffers for reuse (fmask.core.cpu_allocator)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 # which it does under its default thresholds and must not do once tuned.
 PROBE = r"""
 import ctypes
-from fmask.cpu_allocator import tune_cpu_allocator
+from fmask.core.cpu_allocator import tune_cpu_allocator
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in

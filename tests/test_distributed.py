@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fmask import distributed
+from fmask.core import distributed
 
 WORLD = 2
 
@@ -183,7 +183,7 @@ def _fisher_and_queries(run_dir: str) -> dict:
 
 def test_fisher_embeddings_and_queries_match_single_process(run_dir, tmp_path):
     from fmask.fisher import load_mask, run_fisher
-    from fmask.io import read_safetensors
+    from fmask.core.readers import read_safetensors
     from fmask.query.step import run_query
 
     ranks = spawn(_fisher_and_queries, str(run_dir), tmp_path=tmp_path)
@@ -241,7 +241,7 @@ def _ddp_train(run_dir: str) -> dict:
 
 
 def test_ddp_training_is_reproducible_and_written_once(run_dir, tmp_path):
-    from fmask.io import recorded_step
+    from fmask.core.steps import recorded_step
     from fmask.train.checkpoint import load_checkpoint
 
     first, second = spawn(_ddp_train, str(run_dir), tmp_path=tmp_path)

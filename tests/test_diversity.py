@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmask.errors import FmaskError
+from fmask.core.errors import FmaskError
 from fmask.query.base import QueryContext
 from fmask.query.registry import get_strategy, list_strategies
 from fmask.query.strategies.badge import (

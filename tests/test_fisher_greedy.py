@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fmask.errors import FmaskError
+from fmask.core.errors import FmaskError
 from fmask.query.fisher_greedy import (
     estimate_memory,
     fisher_greedy,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmask.errors import FmaskError
+from fmask.core.errors import FmaskError
 from fmask.fisher import grads
 from fmask.fisher.grads import (fallback_parameters, fisher_diagonal, masked_embeddings, softmax_hessian_factor,
                                 softmax_hessian_sqrt)

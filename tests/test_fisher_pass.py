@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fmask.device import memory_budget
+from fmask.core.device import memory_budget
 from fmask.fisher import MaskColumns, fisher_diagonal, masked_embeddings, top_k_mask
 from fmask.fisher import grads
 from fmask.train.models import SmallCNN

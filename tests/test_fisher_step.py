@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 
 import fmask
-from fmask import paths
-from fmask.errors import FmaskError
+from fmask.core import paths
+from fmask.core.errors import FmaskError
 from fmask.fisher import MaskColumns, fisher_diagonal, load_mask, masked_embeddings, run_fisher
-from fmask.label.labeled import load_labeled
+from fmask.core.labeled import load_labeled
 from fmask.pool.pool import load_pool
 from fmask.train.checkpoint import load_checkpoint
 from tests.conftest import invoke, snapshot
@@ -160,7 +160,7 @@ def test_cli_prints_the_profile(run_dir):
 
 
 def test_a_shard_of_the_embeddings_cache_is_read_without_the_rest(run_dir):
-    from fmask.io import read_safetensors, read_safetensors_rows, safetensors_shapes
+    from fmask.core.readers import read_safetensors, read_safetensors_rows, safetensors_shapes
 
     out = run_dir / "fisher0.safetensors"
     run_fisher(ckpt=run_dir / "round0.pt", out=out, sparsity=SPARSITY, device="cpu")

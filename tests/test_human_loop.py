@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fmask.io import seal_json
-from fmask import load_model, load_pool, paths
-from fmask.errors import FmaskError
+from fmask.core.hashing import seal_json
+from fmask import load_model, load_pool
+from fmask.core import paths
+from fmask.core.errors import FmaskError
 from fmask.label import export as export_module
 from fmask.label.answers import read_answers
 from fmask.label.export import CAPTION_HEIGHT, PAD, TILE_TARGET, contact_sheet, image_url, run_export

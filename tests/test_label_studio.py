@@ -29,8 +29,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fmask import load_model, load_pool, paths
-from fmask.io import seal_json
+from fmask import load_model, load_pool
+from fmask.core import paths
+from fmask.core.hashing import seal_json
 from fmask.label.export import label_studio_config
 from tests.conftest import invoke, refused_line, snapshot
 from tests.test_human_loop import make_query

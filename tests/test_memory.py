@@ -10,8 +10,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fmask.device import memory_budget, parse_memory_size, usable_memory_bytes
-from fmask.errors import FmaskError
+from fmask.core.device import memory_budget, parse_memory_size, usable_memory_bytes
+from fmask.core.errors import FmaskError
 from fmask.query.fisher_greedy import fisher_greedy_detailed, plan_fisher_greedy
 from tests.conftest import invoke, refused_line, snapshot
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmask import numerics
-from fmask.io import STEP_KEY, read_json, read_safetensors
+from fmask.core import numerics
+from fmask.core.readers import read_json, read_safetensors
+from fmask.core.steps import STEP_KEY
 from fmask.train.models import SmallCNN, window_avg_pool2d
 from tests.conftest import invoke
 
@@ -185,7 +186,7 @@ def test_small_cnn_pools_deterministically_with_the_same_outputs(monkeypatch):
 
 
 def test_an_operation_without_a_deterministic_kernel_is_one_line():
-    from fmask.errors import FmaskError
+    from fmask.core.errors import FmaskError
 
     with pytest.raises(FmaskError, match="--deterministic: foo_backward_cuda does not have a deterministic implementation; drop"):
         with numerics.deterministic_algorithms():

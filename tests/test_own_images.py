@@ -18,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fmask import load_model, load_pool, paths
+from fmask import load_model, load_pool
+from fmask.core import paths
 from fmask.pool.cache import PixelStats, create_rows, keep_rows
 from fmask.train.validation import validation_split
 from tests.conftest import SHARED_CIFAR10, invoke, refused_line, snapshot

@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 
 from fmask import load_model, load_pool
-from fmask.io import sha256_file
+from fmask.core.hashing import sha256_file
 from tests.conftest import invoke
 
 

@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 import torch
 
-from fmask.io import LOCK_NAME, lock_holder, output_lock, read_json, read_safetensors
+from fmask.core.locking import LOCK_NAME, lock_holder, output_lock
+from fmask.core.readers import read_json, read_safetensors
 from fmask.plot.plot import read_timings
 from fmask.pool.pool import load_pool
 from fmask.train.checkpoint import load_checkpoint
@@ -444,7 +445,7 @@ def test_second_writer_into_a_directory_being_written_is_refused_then_runs(zygot
 HOLD = """
 from pathlib import Path
 import time
-from fmask.io import output_lock
+from fmask.core.locking import output_lock
 with output_lock({directory!r}, {command!r}, tree={tree}):
     Path({ready!r}).touch()
     time.sleep(120)
@@ -489,7 +490,7 @@ def test_fmask_run_owns_its_tree_and_a_sigkilled_holder_leaves_no_lock(zygote, t
 
 
 def test_output_lock_is_reentrant_removes_its_file_and_what_it_created_on_failure(tmp_path):
-    from fmask.errors import FmaskError
+    from fmask.core.errors import FmaskError
 
     target = tmp_path / "a" / "b"
     with output_lock(target, "train"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fmask.errors import FmaskError
-from fmask.label.labeled import load_labeled
+from fmask.core.errors import FmaskError
+from fmask.core.labeled import load_labeled
 from fmask.pool.pool import load_pool
 from fmask.query.base import QueryContext
 from fmask.query.registry import get_strategy, list_strategies, register_strategy

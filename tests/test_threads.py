@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fmask
-from fmask import threads
+from fmask.core import threads
 from fmask.train.models import SmallCNN, build_model
 from tests.conftest import invoke, refused_line
 

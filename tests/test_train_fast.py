@@ -12,9 +12,10 @@ from PIL import Image
 from scipy.stats import chi2_contingency, chisquare
 
 from fmask import load_pool
-from fmask.errors import FmaskError
+from fmask.core.errors import FmaskError
 from fmask.query.base import QueryContext
-from fmask.train.augment import (Normalizer, TrainBatches, draw_crop_flip, random_crop_flip, resolve_precision)
+from fmask.core.numerics import resolve_precision
+from fmask.train.augment import Normalizer, TrainBatches, draw_crop_flip, random_crop_flip
 from fmask.train.checkpoint import load_checkpoint
 from fmask.train.models import build_model
 from fmask.train.trainer import TrainConfig, TrainLoop, evaluate, plan_loader, validate_config

@@ -13,8 +13,8 @@ import typer
 from typer.core import TyperGroup
 
 from fmask import __version__
-from fmask.cpu_allocator import tune_cpu_allocator
-from fmask.errors import FmaskError
+from fmask.core.cpu_allocator import tune_cpu_allocator
+from fmask.core.errors import FmaskError
 
 
 class FmaskGroup(TyperGroup):
@@ -49,7 +49,7 @@ def global_options(
                                  help="Print the version and exit."),
 ) -> None:
     """Pool-based batch active learning for image classifiers, built around FisherMask."""
-    from fmask.threads import configure_threads
+    from fmask.core.threads import configure_threads
 
     configure_threads(requested=threads, notify=(lambda line: typer.echo(line, err=True)) if verbose else None)
 

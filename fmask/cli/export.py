@@ -3,7 +3,7 @@ from typing import Optional
 
 import typer
 
-from fmask import paths
+from fmask.core import paths
 from fmask.cli import app
 from fmask.cli.ui import done, progress_callback
 from fmask.label.export import run_export

@@ -5,10 +5,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from fmask import distributed
+from fmask.core import distributed
 from fmask.cli import app
-from fmask.device import memory_budget, parse_memory_size
-from fmask.numerics import deterministic_algorithms
+from fmask.core.device import memory_budget, parse_memory_size
+from fmask.core.numerics import deterministic_algorithms
 from fmask.cli.ui import done, progress_callback, show
 from fmask.fisher.profile import mask_profile_from_file
 from fmask.distributed_fisher import run_fisher_distributed

@@ -4,10 +4,10 @@ from typing import Optional
 
 import typer
 
-from fmask import distributed
+from fmask.core import distributed
 from fmask.cli import app
-from fmask.device import parse_memory_size
-from fmask.numerics import deterministic_algorithms
+from fmask.core.device import parse_memory_size
+from fmask.core.numerics import deterministic_algorithms
 from fmask.cli.ui import done, progress_callback
 from fmask.query.registry import list_strategies
 from fmask.query.step import run_query

@@ -4,7 +4,7 @@ from typing import Optional
 import typer
 
 from fmask.cli import app
-from fmask.numerics import deterministic_algorithms
+from fmask.core.numerics import deterministic_algorithms
 from fmask.cli.ui import done, progress_callback
 from fmask.run.experiment import PRESETS, config_from_options, run_experiment
 

@@ -4,9 +4,9 @@ from typing import Optional
 
 import typer
 
-from fmask import distributed
+from fmask.core import distributed
 from fmask.cli import app
-from fmask.numerics import deterministic_algorithms
+from fmask.core.numerics import deterministic_algorithms
 from fmask.cli.ui import done, progress_callback
 from fmask.train.pretrained import parse_channel_values
 from fmask.train.recipe import make_train_config

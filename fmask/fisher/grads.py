@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmask.cpu_allocator import tune_cpu_allocator
-from fmask.device import usable_memory_bytes
-from fmask.errors import FmaskError
+from fmask.core.cpu_allocator import tune_cpu_allocator
+from fmask.core.device import usable_memory_bytes
+from fmask.core.errors import FmaskError
 from fmask.fisher.mask import MaskColumns
+from fmask.core.progress import ProgressFn
 
-ProgressFn = Callable[[str, int, int], None]
 # Either the inputs themselves (N, ...) or a loader mapping positions 0..N-1 to an input batch.
 InputSource = Union[torch.Tensor, Callable[[Sequence[int]], torch.Tensor]]
 

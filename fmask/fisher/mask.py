@@ -25,7 +25,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from fmask.errors import FmaskError
+from fmask.core.errors import FmaskError
 from fmask.train.models import HEAD_PREFIX
 
 

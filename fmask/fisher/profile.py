@@ -9,7 +9,7 @@ from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
-from fmask.errors import FmaskError
+from fmask.core.errors import FmaskError
 
 
 class MaskProfileRow(NamedTuple):
@@ -37,7 +37,7 @@ def mask_profile(masks: Mapping[str, torch.Tensor], order: Sequence[str] | None 
 def mask_profile_from_file(path: str | os.PathLike) -> list[MaskProfileRow]:
     """The profile of a mask file written by ``fmask fisher``."""
     from fmask.fisher.step import FISHER, MASK_KIND
-    from fmask.io import read_safetensors
+    from fmask.core.readers import read_safetensors
 
     tensors, metadata = read_safetensors(path, what="Fisher mask", made_by=FISHER)
     if metadata.get("kind") != MASK_KIND or "parameters" not in metadata:

@@ -6,7 +6,7 @@ and ``mask.N`` (bool, N's shape); its metadata records sparsity, k, head, sample
 hash, the fmask version, the parameter order, the FisherMask variant (``embedding_rows``: scaled | unscaled,
 ``m0``: identity | fisher, which ``fmask query`` follows unless told otherwise) and the step key (inputs' hashes
 and parameters) that lets a rerun with the same inputs skip. The embeddings (unlabeled and labeled samples,
-(N, classes, k)) are cached beside it (``fmask.paths.embeddings_cache``), keyed by the mask file's hash, the sample
+(N, classes, k)) are cached beside it (``fmask.core.paths.embeddings_cache``), keyed by the mask file's hash, the sample
 ids and the row scaling.
 """
 
@@ -23,15 +23,18 @@ from typing import Optional, Sequence
 import torch
 
 import fmask
-from fmask import paths
-from fmask.device import format_bytes, resolve_device
-from fmask.errors import FmaskError
-from fmask.fisher.grads import (ProgressFn, check_embedding_rows, fisher_diagonal, masked_embeddings,
-                                plan_fisher_pass)
+from fmask.core import paths
+from fmask.core.device import format_bytes, resolve_device
+from fmask.core.errors import FmaskError
+from fmask.fisher.grads import check_embedding_rows, fisher_diagonal, masked_embeddings, plan_fisher_pass
+from fmask.core.progress import ProgressFn
 from fmask.fisher.mask import MaskColumns, check_sparsity_works, is_head_parameter, mask_size, top_k_mask
-from fmask.numerics import deterministic_enabled, exact_float32
-from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_save_safetensors, check_writable, output_lock,
-                      read_safetensors, sha256_file, sha256_json, step_is_current)
+from fmask.core.numerics import deterministic_enabled, exact_float32
+from fmask.core.atomic import atomic_save_safetensors, check_writable
+from fmask.core.hashing import FORMAT_VERSION, sha256_file, sha256_json
+from fmask.core.locking import output_lock
+from fmask.core.readers import read_safetensors
+from fmask.core.steps import STEP_KEY, step_is_current
 
 FISHER = "fmask fisher"
 MASK_KIND = "fisher-mask"
@@ -212,10 +215,10 @@ def _check_dtype(name: str) -> None:
 
 def check_embedding_memory(samples: int, num_classes: int, k: int, dtype: str) -> None:
     """Refuse, before any work, embeddings that would not fit in RAM."""
-    from fmask.query.fisher_greedy import default_memory_limit
+    from fmask.core.device import usable_memory_bytes
 
     need = samples * num_classes * k * torch.empty(0, dtype=EMBED_DTYPES[dtype]).element_size()
-    limit = default_memory_limit("cpu")
+    limit = usable_memory_bytes("cpu")
     if need > limit:
         raise FmaskError(
             f"the gradient embeddings of {samples} samples x {num_classes} classes x k={k} need "
@@ -374,7 +377,7 @@ def mask_artifact(setup: FisherSetup, fisher: dict[str, torch.Tensor], *, sparsi
     return tensors, metadata
 
 
-@exact_float32()  # masks rank parameters by small differences: no TF32 (see fmask.numerics)
+@exact_float32()  # masks rank parameters by small differences: no TF32 (see fmask.core.numerics)
 def run_fisher(
     *,
     ckpt: str | os.PathLike,

@@ -22,7 +22,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from fmask.errors import FmaskError
+from fmask.core.errors import FmaskError
+from fmask.core.labeled import resolve_label
 
 CSV_FORMAT = "csv"
 LABEL_STUDIO_FORMAT = "label-studio"
@@ -64,19 +65,6 @@ def answers_format(path: Path) -> str:
     with open(path, "rb") as handle:
         head = handle.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
     return LABEL_STUDIO_FORMAT if head[:1] in (b"[", b"{") else CSV_FORMAT
-
-
-def resolve_label(raw: str, classes: list[str]) -> Optional[int]:
-    """A class name (exact, else case-insensitive when that is unambiguous) or a class index -> index; else None."""
-    text = raw.strip()
-    if text in classes:
-        return classes.index(text)
-    folded = [index for index, name in enumerate(classes) if name.casefold() == text.casefold()]
-    if len(folded) == 1:
-        return folded[0]
-    if text.isdigit() and int(text) < len(classes):
-        return int(text)
-    return None
 
 
 def _unknown_label(where: str, raw: Any, classes: list[str]) -> FmaskError:

@@ -33,15 +33,17 @@ from xml.sax.saxutils import quoteattr
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from fmask import __version__, paths
-from fmask.device import resolve_device
-from fmask.errors import FmaskError
-from fmask.io import FORMAT_VERSION, output_lock, sha256_file
+from fmask import __version__
+from fmask.core import paths
+from fmask.core.device import resolve_device
+from fmask.core.errors import FmaskError
+from fmask.core.hashing import FORMAT_VERSION, sha256_file
+from fmask.core.locking import output_lock
 from fmask.label import label_studio
 from fmask.label.label_studio import LS_CONTROL, LS_OBJECT, PushResult
 from fmask.pool.pool import Pool, load_pool
 from fmask.predict.predict import predict_probabilities
-from fmask.query.base import ProgressFn
+from fmask.core.progress import ProgressFn
 from fmask.query.step import load_query
 from fmask.train.checkpoint import Checkpoint, load_checkpoint
 

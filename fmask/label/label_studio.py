@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 from urllib.parse import urlparse
 
-from fmask.errors import FmaskError
+from fmask.core.errors import FmaskError
 from fmask.label.answers import label_studio_answers
-from fmask.query.base import ProgressFn
+from fmask.core.progress import ProgressFn
 
 TOKEN_ENV = "LABEL_STUDIO_API_KEY"
 URL_ENV = "LABEL_STUDIO_URL"

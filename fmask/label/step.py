@@ -11,12 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from fmask.errors import FmaskError
-from fmask import paths
-from fmask.io import STEP_KEY, check_writable, output_lock, seal_json, sha256_file, sha256_json, step_is_current
+from fmask.core.errors import FmaskError
+from fmask.core import paths
+from fmask.core.atomic import check_writable
+from fmask.core.hashing import seal_json, sha256_file, sha256_json
+from fmask.core.locking import output_lock
+from fmask.core.steps import STEP_KEY, step_is_current
 from fmask.label import label_studio
 from fmask.label.answers import read_answers  # noqa: F401  (re-exported: its historical home)
-from fmask.label.labeled import LabeledSet, extend_labeled, load_labeled, write_labeled
+from fmask.core.labeled import LabeledSet, extend_labeled, load_labeled, write_labeled
 from fmask.pool.pool import load_pool
 from fmask.query.step import load_query
 
@@ -94,7 +97,7 @@ def run_label(*, query: str | os.PathLike, out: str | os.PathLike, labeled: Opti
         step["answers"] = sha256_json(pulled.fingerprint())  # new annotations make the step stale
     with output_lock(out.parent, "label", outputs=(out.name, paths.labeled_csv(out).name)):
         if not force and step_is_current(out, step):
-            from fmask.io import read_json
+            from fmask.core.readers import read_json
 
             current = read_json(out, what="labeled set", made_by="fmask label")
             if not paths.labeled_csv(out).is_file():  # a run killed between the two files gets its CSV now

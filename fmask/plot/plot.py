@@ -14,9 +14,9 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from fmask import paths
-from fmask.errors import FmaskError
-from fmask.io import atomic_path, atomic_write_bytes
+from fmask.core import paths
+from fmask.core.errors import FmaskError
+from fmask.core.atomic import atomic_path, atomic_write_bytes
 from fmask.train.metrics import read_metrics
 
 

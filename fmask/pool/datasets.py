@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from fmask.errors import FmaskError
+from fmask.core.errors import FmaskError
 from fmask.pool.files import IMAGE_SUFFIXES
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

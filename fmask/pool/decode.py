@@ -23,14 +23,14 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from fmask.errors import FmaskError
+from fmask.core.errors import FmaskError
 from fmask.pool.cache import channel_sums, create_rows, open_rows
+from fmask.core.progress import ProgressFn
 
 RESIZE_MODES = ("crop", "pad", "stretch")
 FILES_PER_TASK = 32  # files a worker decodes per task: large enough to amortise the messages, small for balance
 OK, BAD, SIZE = "ok", "bad", "size"  # what decoding a file gave
 
-ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)

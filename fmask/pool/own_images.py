@@ -15,17 +15,20 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from fmask import paths
-from fmask.errors import FmaskError
-from fmask.io import check_writable, output_lock, read_json, sha256_file
-from fmask.label.answers import resolve_label
+from fmask.core import paths
+from fmask.core.errors import FmaskError
+from fmask.core.atomic import check_writable
+from fmask.core.hashing import sha256_file
+from fmask.core.locking import output_lock
+from fmask.core.readers import read_json
+from fmask.core.labeled import resolve_label
 from fmask.pool.cache import PixelStats, keep_rows
 from fmask.pool.decode import BAD, OK, RESIZE_MODES, SIZE, DecodeOptions, FileResult, decode_into_cache, \
     default_workers, probe_size
 from fmask.pool.files import (IMAGE_SUFFIXES, ImageFile, Skipped, csv_text, list_image_folder, list_test_set, listing_sha256,
                               parse_classes, path_order, read_images_csv, read_labels_csv)
-from fmask.pool.pool import (BUILD_POOL, POOL_OUTPUTS, BuildPoolResult, ProgressFn, finish_pool, pool_is_current,
-                             staged_pool)
+from fmask.pool.pool import BUILD_POOL, POOL_OUTPUTS, BuildPoolResult, finish_pool, pool_is_current, staged_pool
+from fmask.core.progress import ProgressFn
 
 
 @dataclass

@@ -14,12 +14,16 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from fmask import paths
-from fmask.errors import FmaskError
-from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_path, check_writable, json_bytes, output_lock, read_json,
-                      seal_json, sha256_file, sha256_json, step_is_current)
+from fmask.core import paths
+from fmask.core.errors import FmaskError
+from fmask.core.atomic import atomic_path, check_writable
+from fmask.core.hashing import FORMAT_VERSION, json_bytes, seal_json, sha256_file, sha256_json
+from fmask.core.locking import output_lock
+from fmask.core.readers import read_json
+from fmask.core.steps import STEP_KEY, step_is_current
 from fmask.pool.cache import PixelStats, create_rows, open_rows
 from fmask.pool.datasets import open_dataset
+from fmask.core.progress import ProgressFn
 
 SETTINGS = {
     "balanced": None,  # every train sample of every class
@@ -32,7 +36,6 @@ ROWS_PER_CHUNK = 2048  # images read from a dataset and written to the cache at 
 # the pool is complete).
 POOL_OUTPUTS = (*paths.POOL_CACHE, paths.POOL_SAMPLES_CSV, paths.POOL_SKIPPED_CSV, paths.POOL_DUPLICATES_CSV,
                 paths.labeled_csv(paths.POOL_LABELED).name, paths.POOL_LABELED, paths.POOL_MANIFEST)
-ProgressFn = Callable[[str, int, int], None]
 
 
 def parse_class_counts(text: str) -> list[int]:
@@ -250,7 +253,7 @@ def finish_pool(staged: dict[str, Path], *, dataset: str, classes: Sequence[str]
         "augment": {"crop_pad": max(1, min(height, width) // 8), "flip": flip},
         STEP_KEY: step,
     }
-    from fmask.label.labeled import initial_labeled_set, labeled_csv_text  # the labeled-set format lives with `label`
+    from fmask.core.labeled import initial_labeled_set, labeled_csv_text  # the labeled-set format lives with `label`
 
     labeled = seal_json(initial_labeled_set(pool_hash, labeled_ids, labeled_labels, seed))
     path_of = (lambda i: sample_paths[i]) if sample_paths is not None else (lambda i: None)

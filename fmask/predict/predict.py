@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fmask import paths
-from fmask.device import resolve_device
-from fmask.errors import FmaskError
-from fmask.io import atomic_write_bytes, check_writable, output_lock
-from fmask.query.base import ProgressFn
+from fmask.core import paths
+from fmask.core.device import resolve_device
+from fmask.core.errors import FmaskError
+from fmask.core.atomic import atomic_write_bytes, check_writable
+from fmask.core.locking import output_lock
+from fmask.core.progress import ProgressFn
 
 PREDICT = "fmask predict"
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 
-from fmask.errors import FmaskError
-from fmask.train.augment import autocast, resolve_precision
+from fmask.core.errors import FmaskError
+from fmask.core.numerics import autocast, resolve_precision
+from fmask.core.progress import ProgressFn
 
-ProgressFn = Callable[[str, int, int], None]  # (task description, done, total)
 
 
 @dataclass

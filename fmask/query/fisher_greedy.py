@@ -32,9 +32,9 @@ from typing import Literal, Optional
 
 import torch
 
-from fmask.device import format_bytes, usable_memory_bytes
-from fmask.errors import FmaskError
-from fmask.query.base import ProgressFn
+from fmask.core.device import format_bytes, usable_memory_bytes
+from fmask.core.errors import FmaskError
+from fmask.core.progress import ProgressFn
 
 FisherMode = Literal["auto", "dense", "factored"]
 M0 = Literal["identity", "fisher"]
@@ -61,7 +61,7 @@ class FisherGreedyPlan:
 
 def default_memory_limit(device: torch.device | str) -> int:
     """The --memory-limit in force, else a share of what the device has free: 80% of free GPU memory, 60% of
-    available RAM on CPU (fmask.device.usable_memory_bytes)."""
+    available RAM on CPU (fmask.core.device.usable_memory_bytes)."""
     return usable_memory_bytes(device)
 
 

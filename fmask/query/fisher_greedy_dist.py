@@ -17,7 +17,7 @@ within rounding of each other (where either engine's choice is arbitrary anyway)
 (applying it as V^T(V .) would need every rank's embeddings at every step).
 
 Positions are global: into the concatenation of the ranks' candidate blocks in rank order, which is the order of
-the full pool when the blocks come from :func:`fmask.distributed.shard`.
+the full pool when the blocks come from :func:`fmask.core.distributed.shard`.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import Optional
 
 import torch
 
-from fmask import distributed
-from fmask.errors import FmaskError
-from fmask.query.base import ProgressFn
+from fmask.core import distributed
+from fmask.core.errors import FmaskError
+from fmask.core.progress import ProgressFn
 from fmask.query.fisher_greedy import (_PROBE_SEED, FisherGreedyPlan, FisherGreedyResult, _Embeddings, _Engine,
                                        _FisherOperator, _normalize_device, _symmetrize, _validate,
                                        fisher_greedy_detailed, plan_fisher_greedy)

@@ -15,8 +15,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fmask.errors import FmaskError
-from fmask.query.base import ProgressFn, QueryContext, read_option
+from fmask.core.errors import FmaskError
+from fmask.query.base import QueryContext, read_option
+from fmask.core.progress import ProgressFn
 from fmask.train.models import head_dropout_rate
 
 DEFAULT_MC_SAMPLES = 20

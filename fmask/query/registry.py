@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable, TypeVar
 
-from fmask.errors import FmaskError
+from fmask.core.errors import FmaskError
 
 _REGISTRY: dict[str, type] = {}
 T = TypeVar("T", bound=type)

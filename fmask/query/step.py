@@ -13,14 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from fmask import __version__, distributed, paths
-from fmask.device import memory_budget, resolve_device
-from fmask.errors import FmaskError
-from fmask.label.labeled import LabeledPool, open_labeled_pool
-from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_write_bytes, atomic_write_json, check_writable, output_lock,
-                      read_json, seal_json, sha256_file, step_is_current)
-from fmask.numerics import deterministic_enabled, exact_float32
-from fmask.query.base import ProgressFn, QueryContext, read_option
+from fmask import __version__
+from fmask.core import distributed, paths
+from fmask.core.device import memory_budget, resolve_device
+from fmask.core.errors import FmaskError
+from fmask.core.labeled import LabeledPool, open_labeled_pool
+from fmask.core.atomic import atomic_write_bytes, atomic_write_json, check_writable
+from fmask.core.hashing import FORMAT_VERSION, seal_json, sha256_file
+from fmask.core.locking import output_lock
+from fmask.core.readers import read_json
+from fmask.core.steps import STEP_KEY, step_is_current
+from fmask.core.numerics import deterministic_enabled, exact_float32
+from fmask.query.base import QueryContext, read_option
+from fmask.core.progress import ProgressFn
 from fmask.query.registry import get_strategy, list_strategies
 from fmask.train.checkpoint import open_round
 
@@ -72,7 +77,7 @@ def open_model_free(*, pool_dir: Optional[str | os.PathLike], labeled: Optional[
     return open_labeled_pool(load_pool(pool_dir), pool_dir, labeled_path, kind=ModelFree)
 
 
-@exact_float32()  # scores rank candidates by small differences: no TF32 (see fmask.numerics)
+@exact_float32()  # scores rank candidates by small differences: no TF32 (see fmask.core.numerics)
 def run_query(*, ckpt: Optional[str | os.PathLike], out: str | os.PathLike, strategy: str, batch: int,
               pool_dir: Optional[str | os.PathLike] = None, labeled: Optional[str | os.PathLike] = None,
               mask: Optional[str | os.PathLike] = None, seed: int = 0, device: str = "auto",

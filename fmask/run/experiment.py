@@ -24,10 +24,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from fmask import paths
-from fmask.errors import FmaskError
-from fmask.io import atomic_path, atomic_write_json, output_lock, read_json
-from fmask.label.labeled import load_labeled
+from fmask.core import paths
+from fmask.core.errors import FmaskError
+from fmask.core.atomic import atomic_path, atomic_write_json
+from fmask.core.locking import output_lock
+from fmask.core.readers import read_json
+from fmask.core.labeled import load_labeled
 from fmask.pool.pool import load_pool
 from fmask.train.checkpoint import load_checkpoint
 from fmask.train.metrics import record_metrics
@@ -36,6 +38,7 @@ from fmask.pool.pool import SETTINGS, build_pool
 from fmask.query.registry import get_strategy
 from fmask.query.step import run_query
 from fmask.train.trainer import TrainConfig, train
+from fmask.core.progress import ProgressFn
 
 
 # The dropout rate before the head for the chains of strategies that need MC dropout (bald, batchbald), round 0
@@ -180,7 +183,6 @@ def remove_stale_temp_files(out: Path) -> int:
     return len(stale)
 
 
-ProgressFn = Callable[[str, int, int], None]
 
 
 def run_experiment(*, out: str | os.PathLike, config: ExperimentConfig, progress: Optional[ProgressFn] = None,

@@ -6,37 +6,14 @@ gives the same batches on every device."""
 
 from __future__ import annotations
 
-import contextlib
-from typing import ContextManager, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from fmask.device import free_memory_bytes
-from fmask.errors import FmaskError
+from fmask.core.device import free_memory_bytes
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 RESIDENT_SHARE = 0.5  # device-resident images may use at most this share of free memory; the rest is for training
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on GPUs with native bf16 (compute capability 8.0+), else fp32; other names are checked."""
-    if name not in PRECISIONS:
-        raise FmaskError(f"unknown precision {name!r}; use one of: {', '.join(PRECISIONS)}")
-    native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-    if name == "auto":
-        return "bf16" if native_bf16 else "fp32"
-    if name == "bf16" and device.type == "cuda" and not native_bf16:
-        raise FmaskError("this GPU has no native bf16 (needs compute capability 8.0+); use --precision fp16 or fp32")
-    return name
-
-
-def autocast(precision: str, device: torch.device) -> ContextManager:
-    """The autocast context of a resolved precision (fp32: none)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 def fits_on_device(nbytes: int, device: torch.device) -> bool:

@@ -12,9 +12,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from fmask.errors import FmaskError
-from fmask.label.labeled import LabeledPool, open_labeled_pool
-from fmask.io import FORMAT_VERSION, STEP_KEY, atomic_torch_save, read_torch, sha256_file
+from fmask.core.errors import FmaskError
+from fmask.core.labeled import LabeledPool, open_labeled_pool
+from fmask.core.atomic import atomic_torch_save
+from fmask.core.hashing import FORMAT_VERSION, sha256_file
+from fmask.core.readers import read_torch
+from fmask.core.steps import STEP_KEY
 from fmask.train.models import build_model, set_head_dropout
 
 TRAIN = "fmask train"
@@ -168,7 +171,7 @@ def open_round(ckpt: str | os.PathLike, *, pool_dir: Optional[str | os.PathLike]
     """Load a checkpoint, its pool (refused when its hash differs from the checkpoint's) and a labeled set
     (default: the one the checkpoint was trained on); ``weights`` replaces a head checkpoint's backbone file."""
     from fmask.pool.pool import load_pool
-    from fmask.threads import fit_threads_to_work
+    from fmask.core.threads import fit_threads_to_work
 
     checkpoint = load_checkpoint(ckpt, weights=weights)
     pool_dir = Path(pool_dir) if pool_dir is not None else Path(checkpoint.pool_dir)

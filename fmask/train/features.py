@@ -15,12 +15,15 @@ import torch
 from torch import nn
 
 import fmask
-from fmask import paths
-from fmask.errors import FmaskError
-from fmask.label.labeled import LabeledPool, open_labeled_pool
-from fmask.io import (FORMAT_VERSION, STEP_KEY, atomic_save_safetensors, check_writable, mmap_safetensors,
-                      output_lock, sha256_json, step_is_current)
-from fmask.query.base import ProgressFn
+from fmask.core import paths
+from fmask.core.errors import FmaskError
+from fmask.core.labeled import LabeledPool, open_labeled_pool
+from fmask.core.atomic import atomic_save_safetensors, check_writable
+from fmask.core.hashing import FORMAT_VERSION, sha256_json
+from fmask.core.locking import output_lock
+from fmask.core.readers import mmap_safetensors
+from fmask.core.steps import STEP_KEY, step_is_current
+from fmask.core.progress import ProgressFn
 from fmask.train.models import HeadOnly, head_dropout_rate, set_head_dropout
 from fmask.train.pretrained import Backbone
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmask import __version__
-from fmask.query.base import ProgressFn
+from fmask.core.progress import ProgressFn
 from fmask.train.checkpoint import save_checkpoint
 from fmask.train.features import pool_features
 from fmask.train.metrics import record_metrics, test_metrics

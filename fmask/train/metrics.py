@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from fmask import paths
-from fmask.io import atomic_write_bytes
+from fmask.core import paths
+from fmask.core.atomic import atomic_write_bytes
 
 COLUMNS = ["checkpoint", "strategy", "seed", "train_seed", "round", "labeled", "accuracy", "balanced_accuracy",
            "train_accuracy", "epochs", "train_seconds", "per_class_accuracy", "labeled_counts", "evaluated_on"]

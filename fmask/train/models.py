@@ -9,7 +9,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from fmask.errors import FmaskError
+from fmask.core.errors import FmaskError
 
 HEAD_PREFIX = "head."
 

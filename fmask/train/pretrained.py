@@ -13,8 +13,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from fmask.errors import FmaskError
-from fmask.io import sha256_file
+from fmask.core.errors import FmaskError
+from fmask.core.hashing import sha256_file
 from fmask.train.models import build_model, import_timm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

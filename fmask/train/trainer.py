@@ -21,17 +21,20 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fmask import __version__, distributed, paths
-from fmask.device import free_memory_bytes, resolve_device
-from fmask.errors import FmaskError
-from fmask.io import check_writable, output_lock, step_is_current
-from fmask.label.labeled import load_labeled
+from fmask import __version__
+from fmask.core import distributed, paths
+from fmask.core.device import free_memory_bytes, resolve_device
+from fmask.core.errors import FmaskError
+from fmask.core.atomic import check_writable
+from fmask.core.locking import output_lock
+from fmask.core.steps import step_is_current
+from fmask.core.labeled import load_labeled
 from fmask.pool.pool import Pool, load_pool
-from fmask.numerics import deterministic_enabled
-from fmask.query.base import ProgressFn
-from fmask.threads import fit_threads_to_work
-from fmask.train.augment import (RESIDENT_SHARE, Normalizer, TrainBatches, autocast, device_images, draw_crop_flip,
-                                 padded_nbytes, resolve_precision)
+from fmask.core.numerics import deterministic_enabled
+from fmask.core.progress import ProgressFn
+from fmask.core.threads import fit_threads_to_work
+from fmask.core.numerics import autocast, resolve_precision
+from fmask.train.augment import RESIDENT_SHARE, Normalizer, TrainBatches, device_images, draw_crop_flip, padded_nbytes
 from fmask.train.checkpoint import load_checkpoint, save_checkpoint
 from fmask.train.metrics import record_metrics, test_metrics
 from fmask.train.models import build_model, set_head_dropout
@@ -96,7 +99,7 @@ def evaluate(model: torch.nn.Module, pool: Pool, device: torch.device, batch_siz
     """Accuracy, balanced accuracy and per-class accuracy on the pool's test split.
 
     The uint8 test images are read into device memory once (streamed per batch when they do not fit) and
-    normalised there; ``precision`` is a name from fmask.train.augment.PRECISIONS.
+    normalised there; ``precision`` is a name from fmask.core.numerics.PRECISIONS.
     """
     return evaluate_images(model, pool.test_images, pool.test_labels, pool, device, batch_size,
                            precision=precision, channels_last=channels_last, stream=stream)

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fmask.errors import FmaskError
+from fmask.core.errors import FmaskError
 
 TEST, VALIDATION, NONE = "test", "validation", "none"  # metrics["evaluated_on"]
 

@@ -22,7 +22,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from fmask.query.base import ProgressFn, QueryContext, Selection, Strategy
+from fmask.query.base import QueryContext, Selection, Strategy
+from fmask.core.progress import ProgressFn
 from fmask.query.registry import register_strategy
 from fmask.query.strategies.kcenter import (
     DEFAULT_CHUNK_SIZE,

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from fmask import distributed
-from fmask.errors import FmaskError
+from fmask.core import distributed
+from fmask.core.errors import FmaskError
 from fmask.query.base import QueryContext, Selection, Strategy, greedy_options
 from fmask.query.fisher_greedy import default_memory_limit, fisher_greedy_detailed, plan_fisher_greedy
 from fmask.query.registry import register_strategy

@@ -33,8 +33,9 @@ from typing import Optional
 
 import torch
 
-from fmask.errors import FmaskError
-from fmask.query.base import ProgressFn, QueryContext, Selection, Strategy, read_option, require_labeled
+from fmask.core.errors import FmaskError
+from fmask.query.base import QueryContext, Selection, Strategy, read_option, require_labeled
+from fmask.core.progress import ProgressFn
 from fmask.query.mc_dropout import candidate_log_probs
 from fmask.query.registry import register_strategy
 from fmask.query.strategies.bald import expected_entropies

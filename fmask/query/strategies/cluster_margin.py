@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from fmask.errors import FmaskError
+from fmask.core.errors import FmaskError
 from fmask.query.base import QueryContext, Selection, Strategy, read_option, require_labeled
 from fmask.query.clustering import block_rows, squared_distances
 from fmask.query.registry import register_strategy

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from fmask import distributed
-from fmask.errors import FmaskError
+from fmask.core import distributed
+from fmask.core.errors import FmaskError
 from fmask.fisher.grads import check_embedding_rows
 from fmask.fisher.step import check_m0
 from fmask.query.base import QueryContext, Selection, Strategy, greedy_options, read_option

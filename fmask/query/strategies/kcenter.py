@@ -17,8 +17,9 @@ from typing import Optional, Union
 
 import torch
 
-from fmask.errors import FmaskError
-from fmask.query.base import ProgressFn, QueryContext, Selection, Strategy
+from fmask.core.errors import FmaskError
+from fmask.query.base import QueryContext, Selection, Strategy
+from fmask.core.progress import ProgressFn
 from fmask.query.registry import register_strategy
 
 DEFAULT_CHUNK_SIZE = 4096

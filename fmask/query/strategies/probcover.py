@@ -26,8 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmask.errors import FmaskError
-from fmask.query.base import ProgressFn, QueryContext, Selection, Strategy, read_option
+from fmask.core.errors import FmaskError
+from fmask.query.base import QueryContext, Selection, Strategy, read_option
+from fmask.core.progress import ProgressFn
 from fmask.query.clustering import block_rows, kmeans_labels, squared_distances
 from fmask.query.registry import register_strategy
 from fmask.query.strategies.kcenter import check_batch

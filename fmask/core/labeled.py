@@ -12,9 +12,11 @@ from typing import Any, Optional, Sequence, TypeVar
 
 import numpy as np
 
-from fmask.errors import FmaskError
-from fmask import paths
-from fmask.io import FORMAT_VERSION, atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from fmask.core.errors import FmaskError
+from fmask.core import paths
+from fmask.core.atomic import atomic_write_bytes, atomic_write_json
+from fmask.core.hashing import FORMAT_VERSION, sha256_file
+from fmask.core.readers import read_json
 
 SOURCES = ("initial", "oracle", "human")
 
@@ -24,6 +26,19 @@ def initial_labeled_set(pool_hash: str, ids: np.ndarray, labels: np.ndarray, see
     return {"format": FORMAT_VERSION, "kind": "labeled", "pool": pool_hash, "round": 0, "strategy": "initial",
             "seed": seed, "ids": [int(i) for i in ids], "labels": [int(y) for y in labels],
             "rounds": [0] * n, "sources": ["initial"] * n}
+
+
+def resolve_label(raw: str, classes: list[str]) -> Optional[int]:
+    """A class name (exact, else case-insensitive when that is unambiguous) or a class index -> index; else None."""
+    text = raw.strip()
+    if text in classes:
+        return classes.index(text)
+    folded = [index for index, name in enumerate(classes) if name.casefold() == text.casefold()]
+    if len(folded) == 1:
+        return folded[0]
+    if text.isdigit() and int(text) < len(classes):
+        return int(text)
+    return None
 
 
 @dataclass

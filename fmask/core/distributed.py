@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from fmask.errors import FmaskError
+from fmask.core.errors import FmaskError
 
 T = TypeVar("T")
 

@@ -22,7 +22,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from fmask.errors import FmaskError
+from fmask.core.errors import FmaskError
 
 USER_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # A sample's forward pass per thread: the small CNN (0.35M on digits, 5.6M on CIFAR) stays on one thread,

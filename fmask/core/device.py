@@ -10,7 +10,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from fmask.errors import FmaskError
+from fmask.core.errors import FmaskError
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -13,14 +13,15 @@ therefore sets both, and restores both to exactly what they were.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import ContextManager, Iterator, Optional
 
 import torch
 
-from fmask.errors import FmaskError
+from fmask.core.errors import FmaskError
 
 # (backend path, operation) of the fp32_precision properties, parents before children: setting a parent
 # rewrites its children, so restoring in this order leaves every one as it was.
@@ -138,3 +139,28 @@ def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
 def deterministic_enabled() -> bool:
     """Whether deterministic algorithms are on (steps record it in their keys when they are)."""
     return torch.are_deterministic_algorithms_enabled()
+
+
+# ---- Training and inference precision (autocast) --------------------------------------------------------------
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on GPUs with native bf16 (compute capability 8.0+), else fp32; other names are checked."""
+    if name not in PRECISIONS:
+        raise FmaskError(f"unknown precision {name!r}; use one of: {', '.join(PRECISIONS)}")
+    native_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    if name == "auto":
+        return "bf16" if native_bf16 else "fp32"
+    if name == "bf16" and device.type == "cuda" and not native_bf16:
+        raise FmaskError("this GPU has no native bf16 (needs compute capability 8.0+); use --precision fp16 or fp32")
+    return name
+
+
+def autocast(precision: str, device: torch.device) -> ContextManager:
+    """The autocast context of a resolved precision (fp32: none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
