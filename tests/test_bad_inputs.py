@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -10,6 +11,8 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from fmask.core import paths
 from fmask.core.hashing import seal_json
@@ -157,6 +160,27 @@ def three_class_checkpoint(run):
     return trained(run, "three.pt", pool=run / "pool3")
 
 
+def mask_recorded_for(run, ckpt, *, rename_parameters=False):
+    """round0.pt's mask, edited to record ``ckpt``'s hash (sha256 of the file) as its checkpoint, so the checkpoint
+    check passes and only the architecture guards stand between it and the embeddings; ``rename_parameters``:
+    every parameter renamed as well (same shapes, other names). The step key is kept: `fmask fisher` with the
+    same options takes the mask as current."""
+    source = fisher_mask(run)
+    tensors = load_file(str(source))
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    metadata["checkpoint"] = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    if rename_parameters:
+        renamed = {name: f"other_{name}" for name in json.loads(metadata["parameters"])}
+        tensors = {f"{kind}.{renamed[name]}": value
+                   for key, value in tensors.items() for kind, name in [key.split(".", 1)]}
+        metadata["parameters"] = json.dumps(list(renamed.values()))
+    target = run / ("renamed_mask.safetensors" if rename_parameters else "foreign_mask.safetensors")
+    save_file(tensors, str(target), metadata=metadata)
+    source.unlink()  # the refused command must leave exactly this directory
+    return target
+
+
 # Each case: (id, function(run) -> argv, expected word in the message)
 CASES = [
     ("missing-pool", lambda r: ["train", "--pool", r / "nope", "--out", r / "x.pt"], "build-pool"),
@@ -263,9 +287,24 @@ CASES = [
     ("mask-from-another-checkpoint", lambda r: ["query", "--ckpt", trained(r, "seed1.pt", "--seed", "1"),
                                                 "--strategy", "fishermask", "--mask", fisher_mask(r), "--batch", "3",
                                                 "--device", "cpu", "--out", r / "q.json"], "another checkpoint"),
-    ("mask-from-another-architecture", lambda r: ["query", "--ckpt", three_class_checkpoint(r), "--strategy",
-                                                  "fishermask", "--mask", fisher_mask(r), "--batch", "3",
-                                                  "--device", "cpu", "--out", r / "q.json"], "another checkpoint"),
+    # Another architecture's mask also comes from another checkpoint, and that check refuses it first ...
+    ("mask-from-another-architecture-and-checkpoint", lambda r: [
+        "query", "--ckpt", three_class_checkpoint(r), "--strategy", "fishermask", "--mask", fisher_mask(r),
+        "--batch", "3", "--device", "cpu", "--out", r / "q.json"], "another checkpoint"),
+    # ... so these masks record the checkpoint they are used with, and the architecture guards must refuse them:
+    # other parameter shapes (the 3-class head), other parameter names; in `fmask query` and in `fmask fisher`
+    # (which takes the mask as current and goes on to its embeddings).
+    ("mask-of-other-parameter-shapes", lambda r: [
+        "query", "--ckpt", three_class_checkpoint(r), "--strategy", "fishermask",
+        "--mask", mask_recorded_for(r, r / "three.pt"), "--batch", "3", "--device", "cpu", "--out", r / "q.json"],
+     "another architecture"),
+    ("mask-of-other-parameter-names", lambda r: [
+        "query", "--ckpt", r / "round0.pt", "--strategy", "fishermask",
+        "--mask", mask_recorded_for(r, r / "round0.pt", rename_parameters=True), "--batch", "3", "--device", "cpu",
+        "--out", r / "q.json"], "another architecture"),
+    ("fisher-over-a-mask-of-other-parameter-names", lambda r: [
+        "fisher", "--ckpt", r / "round0.pt", "--out", mask_recorded_for(r, r / "round0.pt", rename_parameters=True),
+        "--sparsity", "0.05", "--device", "cpu"], "another architecture"),
 ]
 
 

@@ -173,6 +173,23 @@ def test_unsupported_parameters_take_the_fallback_and_the_model_is_left_as_found
     assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())  # no running-stat update
 
 
+def test_masked_embeddings_refuse_a_mask_of_another_model():
+    """The guard in masked_embeddings itself (the sharded query path reaches it without MaskFile's check)."""
+    model, x = _case("cnn")  # 3 classes
+    wider = build_model("cnn", in_channels=3, num_classes=5)  # the same parameter names, a 5-row head
+    every_entry = {name: torch.ones(p.shape, dtype=torch.bool) for name, p in wider.named_parameters()}
+    with pytest.raises(FmaskError, match="entries of head.weight lie outside this model's parameter"):
+        masked_embeddings(model, x, MaskColumns.from_masks(every_entry))
+    own = {name: torch.ones(p.shape, dtype=torch.bool) for name, p in model.named_parameters()}
+    assert masked_embeddings(model, x, MaskColumns.from_masks(own)).shape == (4, 3, sum(p.numel() for p in model.parameters()))
+    other_names = {f"other.{name}": mask for name, mask in own.items()}
+    with pytest.raises(FmaskError, match="parameter names do not match this model"):
+        masked_embeddings(model, x, MaskColumns.from_masks(other_names))
+    residual = {name: torch.ones(p.shape, dtype=torch.bool) for name, p in ResidualNet().named_parameters()}
+    with pytest.raises(FmaskError, match="parameter names do not match this model"):
+        masked_embeddings(model, x, MaskColumns.from_masks(residual))
+
+
 def test_float32_matches_float64_and_embeddings_can_be_bfloat16():
     model, x = _case("cnn")
     exact = fisher_diagonal(model, x)

@@ -826,6 +826,10 @@ def masked_embeddings(
     device, model_dtype = _model_device_dtype(model, device)
     if list(columns.names) != [name for name, _ in model.named_parameters()]:
         raise FmaskError("the mask's parameter names do not match this model; rerun `fmask fisher` on its checkpoint")
+    for (name, parameter), indices in zip(model.named_parameters(), columns.indices):  # ascending flat indices
+        if indices.numel() and int(indices[-1]) >= parameter.numel():
+            raise FmaskError(f"the mask's entries of {name} lie outside this model's parameter (another shape); "
+                             "rerun `fmask fisher` on its checkpoint")
     batch_size, max_elements = _plan_for(model, device, load, total, batch_size, max_elements)
     engine = PerSampleGradients(model, columns=columns, max_elements=max_elements)
     direct = device.type == "cpu" and dtype == model_dtype  # batches filled in place in the result, no copy

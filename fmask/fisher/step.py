@@ -147,8 +147,9 @@ class MaskFile:
             _check_dtype(dtype)
         rows = rows or self.embedding_rows
         check_embedding_rows(rows)
-        names = [name for name, _ in model.named_parameters()]
-        if names != self.parameter_names:
+        # Names and shapes: a mask of the same network with another head has the same names.
+        shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+        if shapes != [(name, tuple(self.masks[name].shape)) for name in self.parameter_names]:
             raise FmaskError(f"mask {self.path} was made for another architecture; rerun `{FISHER}` on this checkpoint")
         cache = paths.embeddings_cache(self.path)
         step = embeddings_step(self.hash, unlabeled_ids, labeled_ids, rows)
