@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,9 +47,21 @@ def refused_line(result) -> str:
     return lines[0]
 
 
+WRITE_BITS = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+
+
+def set_writable(tree: Path, writable: bool) -> None:
+    """Add (the owner's) or remove (everyone's) write permission on ``tree`` and everything below it."""
+    for path in [tree, *tree.rglob("*")]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        path.chmod(mode | stat.S_IWUSR if writable else mode & ~WRITE_BITS)
+
+
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    """A pool, a round-0 checkpoint (cnn, few epochs) in a session directory; tests copy it before changing it."""
+def tiny_run(tmp_path_factory) -> Iterator[Path]:
+    """A pool, a round-0 checkpoint (cnn, few epochs) in a session directory, shared by every test: read-only
+    (tests that write take the ``run_dir`` copy). Write permission is removed, so a write fails loudly where
+    permissions hold; root writes through them, so the content is also checked at the end of the session."""
     root = tmp_path_factory.mktemp("tiny")
     result = invoke("build-pool", "--dataset", "digits", "--class-counts", TINY_COUNTS, "--initial", "20",
                     "--seed", "0", "--test-per-class", "10", "--out", root / "pool")
@@ -55,7 +69,11 @@ def tiny_run(tmp_path_factory) -> Path:
     result = invoke("train", "--pool", root / "pool", "--model", "cnn", "--epochs", "3", "--batch-size", "16",
                     "--device", "cpu", "--out", root / "round0.pt")
     assert result.exit_code == 0, result.output
-    return root
+    built = snapshot(root)
+    set_writable(root, False)
+    yield root
+    set_writable(root, True)
+    assert snapshot(root) == built, "a test changed the shared tiny_run; write into the run_dir copy instead"
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +91,7 @@ def run_dir(tiny_run: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny run (checkpoint provenance still points at the shared pool)."""
     target = tmp_path / "run"
     shutil.copytree(tiny_run, target)
+    set_writable(target, True)  # the copy keeps tiny_run's read-only modes
     return target
 
 

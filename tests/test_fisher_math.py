@@ -198,7 +198,8 @@ def test_masked_embeddings_refuse_a_mask_of_another_model():
     with pytest.raises(FmaskError, match="entries of head.weight lie outside this model's parameter"):
         masked_embeddings(model, x, MaskColumns.from_masks(every_entry))
     own = {name: torch.ones(p.shape, dtype=torch.bool) for name, p in model.named_parameters()}
-    assert masked_embeddings(model, x, MaskColumns.from_masks(own)).shape == (4, 3, sum(p.numel() for p in model.parameters()))
+    every_parameter = sum(p.numel() for p in model.parameters())
+    assert masked_embeddings(model, x, MaskColumns.from_masks(own)).shape == (4, 3, every_parameter)
     other_names = {f"other.{name}": mask for name, mask in own.items()}
     with pytest.raises(FmaskError, match="parameter names do not match this model"):
         masked_embeddings(model, x, MaskColumns.from_masks(other_names))

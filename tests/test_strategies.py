@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -15,17 +17,25 @@ from fmask.train.checkpoint import load_checkpoint
 BATCH = 12
 
 
-def make_context(tiny_run, strategy, seed: int, ckpt=None) -> QueryContext:
+@pytest.fixture(scope="module")
+def template_mask(tiny_run, tmp_path_factory) -> Path:
+    """A mask (and its embeddings cache) of tiny_run's checkpoint, made once, beside the read-only tiny_run."""
+    from fmask.fisher import run_fisher
+
+    out = tmp_path_factory.mktemp("template_mask") / "mask.safetensors"
+    run_fisher(ckpt=tiny_run / "round0.pt", out=out, sparsity=0.05, device="cpu")
+    return out
+
+
+def make_context(tiny_run, strategy, seed: int, ckpt=None, request=None) -> QueryContext:
     checkpoint = load_checkpoint(ckpt or tiny_run / "round0.pt")
     pool = load_pool(tiny_run / "pool")
     labeled = load_labeled(tiny_run / "pool" / "labeled.json", pool)
     mask = None
     if strategy.needs_mask:
-        from fmask.fisher import load_mask, run_fisher
+        from fmask.fisher import load_mask
 
-        mask_path = tiny_run / "template_mask.safetensors"
-        run_fisher(ckpt=tiny_run / "round0.pt", out=mask_path, sparsity=0.05, device="cpu")
-        mask = load_mask(mask_path, checkpoint_hash=checkpoint.hash)
+        mask = load_mask(request.getfixturevalue("template_mask"), checkpoint_hash=checkpoint.hash)
     unlabeled = [i for i in pool.ids if i not in set(labeled.ids)]
     return QueryContext(model=checkpoint.model, pool=pool, labeled_ids=list(labeled.ids), unlabeled_ids=unlabeled,
                         seed=seed, mask=mask, options={"lamb": 1.0})
@@ -40,16 +50,17 @@ def test_strategy_contract(name, tiny_run, request):
     strategy = get_strategy(name)
     # bald and batchbald need a checkpoint trained with --mc-dropout; the others get the plain one.
     ckpt = request.getfixturevalue("tiny_dropout_ckpt") if strategy.needs_mc_dropout else None
-    ctx = make_context(tiny_run, strategy, seed=7, ckpt=ckpt)
+    ctx = make_context(tiny_run, strategy, seed=7, ckpt=ckpt, request=request)
     first = strategy.select(ctx, BATCH)
     assert len(first.ids) == BATCH and len(set(first.ids)) == BATCH
     assert set(first.ids) <= set(ctx.unlabeled_ids)
     assert not set(first.ids) & set(ctx.labeled_ids)
     assert len(first.scores) == BATCH and all(s == s for s in first.scores)  # no NaN
-    again = get_strategy(name).select(make_context(tiny_run, strategy, seed=7, ckpt=ckpt), BATCH)
+    again = get_strategy(name).select(make_context(tiny_run, strategy, seed=7, ckpt=ckpt, request=request), BATCH)
     assert again.ids == first.ids  # reproducible under a seed
     # The whole unlabeled pool can be asked for.
-    everything = strategy.select(make_context(tiny_run, strategy, seed=7, ckpt=ckpt), len(ctx.unlabeled_ids))
+    everything = strategy.select(make_context(tiny_run, strategy, seed=7, ckpt=ckpt, request=request),
+                                 len(ctx.unlabeled_ids))
     assert sorted(everything.ids) == sorted(ctx.unlabeled_ids)
 
 
@@ -57,7 +68,7 @@ def test_strategy_contract(name, tiny_run, request):
 def test_strategies_that_need_a_trained_head_refuse_an_empty_labeled_set(name, tiny_run, request):
     strategy = get_strategy(name)
     ckpt = request.getfixturevalue("tiny_dropout_ckpt") if strategy.needs_mc_dropout else None
-    ctx = make_context(tiny_run, strategy, seed=7, ckpt=ckpt)
+    ctx = make_context(tiny_run, strategy, seed=7, ckpt=ckpt, request=request)
     ctx.unlabeled_ids, ctx.labeled_ids = sorted(ctx.unlabeled_ids + ctx.labeled_ids), []
     with pytest.raises(FmaskError, match="labeled set is empty") as refused:
         strategy.select(ctx, BATCH)
