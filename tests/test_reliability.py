@@ -322,6 +322,32 @@ def test_run_killed_20_times_at_renames_and_random_moments_resumes_identically(z
           f"chain(s), {tally['artifacts_checked']} artifact checks, results identical")
 
 
+def test_two_seed_run_killed_in_each_seed_resumes_identically(zygote, tmp_path):
+    """What the one-seed chains above do not reach: a run resumed with one seed finished and the next begun
+    (test_runner's two-seed grid), finished by `python -m fmask` in a new interpreter."""
+    reference = tmp_path / "reference"
+    record = tmp_path / "renames.txt"
+    reply = zygote.run("run", "--out", reference, *RUN_ARGS, record_replaces=record)
+    assert reply["code"] == 0, reply["log"]
+    renames = [str(Path(line).relative_to(reference.resolve())) for line in record.read_text().splitlines()]
+    once = [name for name in renames if renames.count(name) == 1]
+    seed0 = [name for name in once if name.startswith("seed0/")]
+    seed1 = [name for name in once if name.startswith("seed1/")]
+    # Mid seed 0; just after seed 1's first pool file (seed 0 complete, seed 1's pool half written); just before
+    # a rename late in seed 1 (seeds run one after the other, in order).
+    targets = [(seed0[len(seed0) // 2], "after"), (seed1[0], "after"), (seed1[2 * len(seed1) // 3], "before")]
+    out = tmp_path / "res"
+    for target, when in targets:
+        reply = zygote.run("run", "--out", out, *RUN_ARGS, kill_at_replace=(out / target, when))
+        assert reply["killed"], (target, reply["log"])
+        assert_only_complete_artifacts(out)
+    finish = subprocess.run([sys.executable, "-m", "fmask", "run", "--out", str(out), *RUN_ARGS],
+                            capture_output=True, text=True)
+    assert finish.returncode == 0, finish.stderr
+    assert_clean(out)
+    assert fingerprint(out) == fingerprint(reference)
+
+
 # ---- SIGKILL of single steps ----------------------------------------------------------------------------------
 
 BUILD_ARGS = ["--dataset", "digits", "--class-counts", TINY_COUNTS, "--initial", "20", "--seed", "0",

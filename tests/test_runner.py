@@ -1,13 +1,9 @@
-"""`fmask run`: resumable after SIGKILL at any point, same results as an uninterrupted run; `fmask plot` on it."""
+"""`fmask run`: reruns, configurations and presets; `fmask plot` on it. Resuming after SIGKILL is tested in
+tests/test_reliability.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -19,10 +15,6 @@ from tests.conftest import invoke
 RUN_ARGS = ["--dataset", "digits", "--class-counts", "8,8,8,8,8,8,8,8,8,40", "--initial", "10", "--batch", "6",
             "--rounds", "2", "--strategies", "random,margin", "--seeds", "0,1", "--model", "cnn", "--epochs", "2",
             "--test-per-class", "5", "--device", "cpu"]
-
-
-def fmask_cli(*args) -> list[str]:
-    return [sys.executable, "-m", "fmask", *[str(a) for a in args]]
 
 
 def results_of(out: Path) -> dict:
@@ -47,30 +39,6 @@ def uninterrupted(tmp_path_factory) -> Path:
     result = invoke("run", "--out", out, *RUN_ARGS)
     assert result.exit_code == 0, result.output
     return out
-
-
-def test_sigkill_at_several_points_resumes_to_identical_results(uninterrupted, tmp_path):
-    out = tmp_path / "res"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # Kill as soon as each of these artifacts appears: points spread over the run, whatever the machine's speed.
-    kill_points = ["seed0/round0.pt", "seed0/random/query0.json", "seed0/margin/round1.pt", "seed1/pool/manifest.json",
-                   "seed1/random/labeled2.json"]
-    kills = 0
-    for point in kill_points:
-        proc = subprocess.Popen(fmask_cli("run", "--out", out, *RUN_ARGS), env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and not (out / point).exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
-    assert kills >= 4  # the kills did land mid-run
-    finish = subprocess.run(fmask_cli("run", "--out", out, *RUN_ARGS), env=env, capture_output=True, text=True)
-    assert finish.returncode == 0, finish.stderr
-    assert not list(out.rglob(".*.tmp"))  # no temp file survives
-    assert results_of(out) == results_of(uninterrupted)
 
 
 def test_rerun_of_a_finished_run_executes_nothing(uninterrupted):
