@@ -57,6 +57,16 @@ def set_writable(tree: Path, writable: bool) -> None:
         path.chmod(mode | stat.S_IWUSR if writable else mode & ~WRITE_BITS)
 
 
+# Modules whose every test is slow, marked here rather than in each file: process groups of gloo ranks.
+SLOW_MODULES = {"test_distributed.py"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Iterator[Path]:
     """A pool, a round-0 checkpoint (cnn, few epochs) in a session directory, shared by every test: read-only

@@ -270,6 +270,7 @@ def test_every_small_preset_sparsity_works_on_its_model(preset):
     assert mask_size(config.sparsity, num_parameters) >= 2 * head_size
 
 
+@pytest.mark.slow
 def test_variants_are_recorded_in_the_mask_the_cache_and_the_query(run_dir):
     from fmask.query.step import run_query
 

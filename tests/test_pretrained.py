@@ -271,6 +271,7 @@ def test_the_feature_pass_runs_once_per_pool_and_weights(setup, tmp_path, monkey
     assert sum(rows) == 3 * one_pass and len(feature_cache_files(pool_dir)) == 3
 
 
+@pytest.mark.slow
 def test_every_strategy_runs_on_the_cached_features(setup, tmp_path):
     ckpt = tmp_path / "head.pt"
     train_head(setup, ckpt, "--mc-dropout", 0.3)  # bald and batchbald need dropout before the head

@@ -35,6 +35,8 @@ from fmask.train.metrics import read_metrics
 from tests.conftest import TINY_COUNTS, invoke, refused_line, snapshot
 from tests.test_runner import RUN_ARGS, results_of
 
+pytestmark = pytest.mark.slow  # real processes killed and rerun: `-m "not slow"` leaves them out
+
 ZYGOTE = r'''
 import importlib, json, os, signal, sys, time, traceback
 from fmask.cli import app  # the expensive imports, once; every job is a fork of this process
@@ -333,8 +335,9 @@ def test_two_seed_run_killed_in_each_seed_resumes_identically(zygote, tmp_path):
     once = [name for name in renames if renames.count(name) == 1]
     seed0 = [name for name in once if name.startswith("seed0/")]
     seed1 = [name for name in once if name.startswith("seed1/")]
+    assert once.index(seed1[0]) > once.index(seed0[-1])  # seeds run one after the other
     # Mid seed 0; just after seed 1's first pool file (seed 0 complete, seed 1's pool half written); just before
-    # a rename late in seed 1 (seeds run one after the other, in order).
+    # a rename late in seed 1.
     targets = [(seed0[len(seed0) // 2], "after"), (seed1[0], "after"), (seed1[2 * len(seed1) // 3], "before")]
     out = tmp_path / "res"
     for target, when in targets:

@@ -94,6 +94,7 @@ def test_run_refuses_a_sparsity_the_head_would_fill_before_training(tmp_path):
     assert not (out / "seed0" / "round0.pt").exists()
 
 
+@pytest.mark.slow
 def test_run_records_the_fishermask_variants_under_their_own_names(tmp_path):
     from fmask.fisher import load_mask
 
