@@ -260,6 +260,7 @@ def test_mc_dropout_flag_is_recorded_and_part_of_the_step(tiny_run, tmp_path) ->
     assert "--mc-dropout" in refused_line(invoke(*args, "--mc-dropout", "1.5"))
 
 
+@pytest.mark.slow
 def test_run_trains_the_bald_chains_with_dropout_round_0_included(tmp_path) -> None:
     out = tmp_path / "res"
     result = invoke("run", "--out", out, "--dataset", "digits", "--class-counts", "8,8,8,8,8,8,8,8,8,40",

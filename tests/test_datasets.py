@@ -113,6 +113,7 @@ def test_missing_torchvision_dataset_without_download_is_refused(tmp_path):
 
 
 @pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason="../shared/datasets/cifar10 is absent (a user's clone)")
+@pytest.mark.slow
 def test_folder_loader_reads_shared_cifar10(tmp_path):
     result = invoke("build-pool", "--dataset", f"folder:{SHARED_CIFAR10}", "--setting", "setting2", "--initial", "0",
                     "--class-counts", "3,3,3,3,3,3,3,3,3,6", "--test-per-class", "2", "--out", tmp_path / "pool")

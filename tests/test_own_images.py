@@ -277,6 +277,7 @@ def test_strict_refuses_naming_the_first_bad_file(photos, tmp_path):
     assert not (tmp_path / "pool").exists() and snapshot(photos.parent) == before
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_pool_as_one_process(tmp_path):
     folder = tmp_path / "many"
     for cls in CLASSES:  # 75 files: more than two worker tasks
