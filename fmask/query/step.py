@@ -8,21 +8,20 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from fmask import __version__
-from fmask.core import distributed, paths
+from fmask.core import paths
 from fmask.core.device import memory_budget, resolve_device
 from fmask.core.errors import FmaskError
 from fmask.core.labeled import LabeledPool, open_labeled_pool
-from fmask.core.atomic import atomic_write_bytes, atomic_write_json, check_writable
-from fmask.core.hashing import FORMAT_VERSION, seal_json, sha256_file
-from fmask.core.locking import output_lock
+from fmask.core.atomic import atomic_write_bytes, atomic_write_json
+from fmask.core.hashing import FORMAT_VERSION, sha256_file
 from fmask.core.readers import read_json
-from fmask.core.steps import STEP_KEY, step_is_current
+from fmask.core.records import check_record
+from fmask.core.steps import step_output
 from fmask.core.numerics import deterministic_enabled, exact_float32
 from fmask.query.base import QueryContext, read_option
 from fmask.core.progress import ProgressFn
@@ -137,23 +136,18 @@ def run_query(*, ckpt: Optional[str | os.PathLike], out: str | os.PathLike, stra
     step = {"inputs": inputs, "strategy": strategy, "batch": batch, "seed": seed, "options": options}
     if deterministic_enabled():
         step["deterministic"] = True
-    # Under torchrun every rank runs the strategy (the Fisher-greedy ones shard their work); rank 0 alone locks,
-    # decides whether the output is current and writes it. Single-process, main_decides just calls the function.
-    with ExitStack() as held:
-        def lock_and_check() -> Optional[dict]:
-            held.enter_context(output_lock(out.parent, "query", outputs=(out.name, paths.query_csv(out).name)))
-            if not force and step_is_current(out, step):
-                current = read_json(out, what="query", made_by=QUERY)
-                if not paths.query_csv(out).is_file():  # a run killed between the two files gets its CSV now
-                    atomic_write_bytes(paths.query_csv(out), query_csv_text(current).encode())
-                return current
-            check_writable(out)
-            check_writable(paths.query_csv(out))
-            return None
+    def reuse() -> dict:
+        current = read_json(out, what="query", made_by=QUERY)
+        if not paths.query_csv(out).is_file():  # a run killed between the two files gets its CSV now
+            atomic_write_bytes(paths.query_csv(out), query_csv_text(current).encode())
+        return current
 
-        current = distributed.main_decides(lock_and_check)
-        if current is not None:
-            return QueryResult(out, True, current)
+    # Under torchrun every rank runs the strategy (the Fisher-greedy ones shard their work); rank 0 alone locks,
+    # decides whether the output is current and writes it.
+    with step_output(out, command="query", step=step, force=force, beside=(paths.query_csv(out),),
+                     on_current=reuse) as output:
+        if output.current:
+            return QueryResult(out, True, output.recorded)
 
         torch_device = resolve_device(device)
         # A head checkpoint or a cold start: the head alone on the pool's cached backbone features (no model at
@@ -173,27 +167,25 @@ def run_query(*, ckpt: Optional[str | os.PathLike], out: str | os.PathLike, stra
             raise FmaskError(f"strategy {strategy!r} scored candidates NaN (checkpoint {ckpt} gives non-finite outputs "
                              "on this pool); nothing was written; retrain it with `fmask train`")
         selected = [int(i) for i in selection.ids]
-        data = seal_json({
+        data = output.sealed({
             "format": FORMAT_VERSION, "kind": "query", "fmask_version": __version__, "strategy": strategy,
             "batch": batch, "seed": seed, "round": labeled_set.round + 1, "selected": selected,
             "selected_paths": pool.paths(selected) if pool.has_paths else None,
             "scores": [float(s) for s in selection.scores], "seconds": seconds, "options": options,
             "details": selection.details,
             "inputs": inputs, "checkpoint_path": str(Path(ckpt).resolve()) if ckpt is not None else None,
-            "pool_dir": str(pool_dir.resolve()), "labeled_path": str(labeled_path.resolve()), STEP_KEY: step,
+            "pool_dir": str(pool_dir.resolve()), "labeled_path": str(labeled_path.resolve()),
         })
-        if distributed.is_main():
+        if output.writes:
             atomic_write_bytes(paths.query_csv(out), query_csv_text(data).encode())
             atomic_write_json(out, data)  # last: a current query means its CSV is complete too
-        distributed.barrier()  # the query exists on disk before any rank returns
     return QueryResult(out, False, data)
 
 
 def load_query(path: str | os.PathLike) -> dict:
     data = read_json(path, what="query", made_by=QUERY)
-    keys = ("selected", "strategy", "round", "inputs", "pool_dir", "labeled_path")
-    if data.get("kind") != "query" or any(key not in data for key in keys):
-        raise FmaskError(f"{path} is not an fmask query file; pass the JSON `{QUERY}` wrote")
+    check_record(data, kind="query", keys=("selected", "strategy", "round", "inputs", "pool_dir", "labeled_path"),
+                 newer=f"query {path}", not_ours=f"{path} is not an fmask query file; pass the JSON `{QUERY}` wrote")
     selected = data["selected"]
     if not isinstance(selected, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in selected):
         raise FmaskError(f"query {path}: 'selected' must be a list of sample ids; rerun `{QUERY}`")

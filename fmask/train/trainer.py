@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -25,9 +24,7 @@ from fmask import __version__
 from fmask.core import distributed, paths
 from fmask.core.device import free_memory_bytes, resolve_device
 from fmask.core.errors import FmaskError
-from fmask.core.atomic import check_writable
-from fmask.core.locking import output_lock
-from fmask.core.steps import step_is_current
+from fmask.core.steps import step_output
 from fmask.core.labeled import load_labeled
 from fmask.pool.pool import Pool, load_pool
 from fmask.core.numerics import deterministic_enabled
@@ -286,22 +283,18 @@ def train(*, pool_dir: str | os.PathLike, labeled: Optional[str | os.PathLike], 
         step["processes"] = distributed.world_size()
     if deterministic_enabled():  # other algorithms on GPUs: not the same step (absent otherwise)
         step["deterministic"] = True
-    # Under torchrun every rank trains (DDP); rank 0 alone locks, decides whether the checkpoint is current and
-    # writes. Single-process, main_decides just calls the function.
-    with ExitStack() as held:
-        def lock_and_check() -> Optional[dict]:
-            held.enter_context(output_lock(out.parent, "train", outputs=(out.name, paths.METRICS_CSV)))
-            if not force and step_is_current(out, step):
-                metrics = load_checkpoint(out).metrics
-                # A run killed between the checkpoint and its metrics row gets the row now.
-                record_metrics(out, labeled_set=labeled_set, metrics=metrics, train_seed=config.seed)
-                return metrics
-            check_writable(out)
-            return None
+    def reuse() -> dict:
+        metrics = load_checkpoint(out).metrics
+        # A run killed between the checkpoint and its metrics row gets the row now.
+        record_metrics(out, labeled_set=labeled_set, metrics=metrics, train_seed=config.seed)
+        return metrics
 
-        current = distributed.main_decides(lock_and_check)
-        if current is not None:
-            return TrainResult(out, True, current)
+    # Under torchrun every rank trains (DDP); rank 0 alone locks, decides whether the checkpoint is current and
+    # writes.
+    with step_output(out, command="train", step=step, force=force, beside=(paths.metrics_csv(out),),
+                     on_current=reuse) as output:
+        if output.current:
+            return TrainResult(out, True, output.recorded)
         if config.finetune == "head":
             from fmask.train.head import train_head_locked
 
