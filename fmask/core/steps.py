@@ -13,7 +13,7 @@ from typing import Callable, Generic, Iterator, Optional, Sequence, TypeVar
 
 import torch
 
-from fmask.core import distributed
+from fmask.core import distributed, paths
 from fmask.core.atomic import check_writable
 from fmask.core.hashing import seal_json, seal_matches, sha256_json
 from fmask.core.locking import output_lock
@@ -34,7 +34,7 @@ def recorded_step(path: str | os.PathLike) -> dict | None:
         if path.suffix == ".json":
             obj = json.loads(path.read_text())
             return obj.get(STEP_KEY) if seal_matches(obj) else None
-        if path.suffix == ".safetensors":
+        if path.suffix == paths.SAFETENSORS_SUFFIX:
             from safetensors.torch import safe_open
 
             with safe_open(str(path), framework="pt") as handle:
@@ -94,6 +94,8 @@ def step_output(out: str | os.PathLike, *, command: str, step: Optional[dict], f
     """
     out = Path(out)
     extra = [Path(path) for path in beside]
+    if any(path.parent != out.parent for path in extra):
+        raise ValueError(f"{out}: the files a step writes beside its output must be in its directory")
     names = (out.name, *(path.name for path in extra))
     with ExitStack() as held:
         def decide() -> tuple[bool, Optional[T]]:

@@ -4,7 +4,7 @@ Every step writes atomically and skips itself when its output already exists wit
 killed at any moment (Ctrl-C, SIGKILL, power loss) resumes where it stopped when the same command is given
 again, and ends with the same results as an uninterrupted run (training and queries are seeded).
 
-Layout (what ``fmask plot`` reads):
+Layout (named by fmask.core.paths, which ``fmask plot`` reads back):
     OUT/experiment.json                 the configuration
     OUT/timings.csv                     seconds per executed step
     OUT/seed{S}/pool/                   the pool and its round-0 labeled set
@@ -267,8 +267,8 @@ def _run_locked(out: Path, config: ExperimentConfig, progress: Optional[Progress
                 labeled = paths.chain_labeled(chain, round_ + 1)
                 timed("label", strategy, seed, round_ + 1, lambda: run_label(query=query, out=labeled))
                 timed("train", strategy, seed, round_ + 1, lambda: train(
-                    pool_dir=pool_dir, labeled=labeled, out=paths.chain_checkpoint(chain, round_ + 1), config=chain_config,
-                    device=config.device, progress=progress))
+                    pool_dir=pool_dir, labeled=labeled, out=paths.chain_checkpoint(chain, round_ + 1),
+                    config=chain_config, device=config.device, progress=progress))
                 done += 1
     if on_step:
         on_step("done", done, total)
