@@ -303,7 +303,7 @@ def run_export(*, query: str | os.PathLike, out: Optional[str | os.PathLike] = N
         pushed = _push(batch, guesses, connection, found, live.project, progress)
         return ExportResult(None, ids, None, [], pushed)
     target = out.resolve()  # absolute, so that `--out .` and relative paths rename cleanly
-    # No step record: an existing export is refused unless --force (_check_out), which the lock makes race-free.
+    # No step record: an existing export is refused unless --force (_check_out, run under the lock).
     with step_output(target, command="export", step=None, writable=()):
         return _export_locked(batch, out=out, target=target, image_root=image_root, url_prefix=url_prefix,
                               columns=columns, device=device, batch_size=batch_size, force=force, live=live,
