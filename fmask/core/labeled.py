@@ -49,8 +49,8 @@ class LabeledSet:
     hash: str
 
     # What the labeled-set JSON records:
-    ids = Recorded[list]("data")
-    labels = Recorded[list]("data")
+    ids = Recorded[list[int]]("data")
+    labels = Recorded[list[int]]("data")
     round = Recorded[int]("data", convert=int)
     strategy = Recorded[str]("data", default="initial")
     seed = Recorded[int]("data", default=0, convert=int)

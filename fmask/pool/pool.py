@@ -287,10 +287,10 @@ class Pool:
     _paths: Optional[list[str]] = field(repr=False, default=None)
 
     # What the manifest records:
-    ids = Recorded[list]("manifest")
+    ids = Recorded[list[int]]("manifest")
     hash = Recorded[str]("manifest")
-    classes = Recorded[list]("manifest")
-    image_shape = Recorded[tuple]("manifest", convert=tuple)
+    classes = Recorded[list[str]]("manifest")
+    image_shape = Recorded[tuple[int, int, int]]("manifest", convert=tuple)
     # True for benchmark pools, whose every label is known (the simulated oracle can label them).
     ground_truth = Recorded[bool]("manifest", default=True, convert=bool)
 

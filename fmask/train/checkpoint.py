@@ -73,7 +73,7 @@ class Checkpoint:
     pool_hash = Recorded[str]("state")
     labeled_path = Recorded[str]("state")
     labeled_hash = Recorded[str]("state")
-    labeled_ids = Recorded[list]("state")
+    labeled_ids = Recorded[list[int]]("state")
     # ``full`` (the checkpoint holds every weight) or ``head`` (a head on a frozen backbone file).
     finetune = Recorded[str]("state", default="full")
 
