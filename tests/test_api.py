@@ -199,3 +199,19 @@ def test_a_mask_that_does_not_fit_the_model_is_refused(loaded, tiny_fisher_mask)
     model = build_model("resnet18", in_channels=pool.image_shape[0], num_classes=pool.num_classes).eval()
     with pytest.raises(FmaskError, match="parameter names"):
         fmask.select("fishermask", model=model, pool=pool, labeled=labeled_ids, batch=BATCH, mask=tiny_fisher_mask)
+
+
+def test_train_result_evaluation_is_typed(run_dir):
+    from fmask.train.trainer import TrainConfig, train
+
+    result = train(pool_dir=run_dir / "pool", labeled=None, out=run_dir / "round0.pt",
+                   config=TrainConfig(model="cnn", max_epochs=3, batch_size=16), device="cpu")
+    evaluation = result.evaluation
+    pool = fmask.load_pool(run_dir / "pool")
+    model = fmask.load_model(run_dir / "round0.pt")
+    with torch.no_grad():
+        predicted = model(pool.normalize(pool.test_images)).argmax(dim=1)
+    assert evaluation.evaluated_on == "test" and evaluation.test_samples == len(pool.test_labels)
+    assert evaluation.accuracy == pytest.approx(float((predicted == pool.test_labels).double().mean()))
+    assert evaluation.labeled == 20 and 1 <= evaluation.epochs <= 3
+    assert len(evaluation.per_class_accuracy) == pool.num_classes
