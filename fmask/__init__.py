@@ -18,6 +18,7 @@ _EXPORTS = {
     "load_pool": "fmask.pool.pool",
     "load_model": "fmask.train.checkpoint",
     "load_labeled": "fmask.core.labeled",
+    "run_query": "fmask.query.step",
     "run_fisher": "fmask.fisher",
     "load_mask": "fmask.fisher",
     "fisher_diagonal": "fmask.fisher",

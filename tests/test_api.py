@@ -145,9 +145,7 @@ def test_the_model_is_put_back_in_its_mode(tiny_run):
 
 
 def test_query_result_is_typed(tiny_run, tmp_path):
-    from fmask.query.step import run_query
-
-    result = run_query(ckpt=tiny_run / "round0.pt", out=tmp_path / "q.json", strategy="margin", batch=BATCH,
+    result = fmask.run_query(ckpt=tiny_run / "round0.pt", out=tmp_path / "q.json", strategy="margin", batch=BATCH,
                        device="cpu")
     written = json.loads((tmp_path / "q.json").read_text())
     assert result.selection.ids == written["selected"] and result.selection.scores == written["scores"]
@@ -174,6 +172,7 @@ def loaded(tiny_run):
     (dict(pool=torch.zeros(4, 8, 8), labeled=[]), "float"),
     (dict(pool=torch.zeros(4, 1, 8, 8), labeled=[4]), "position"),
     (dict(strategy="nope"), "unknown strategy"),
+    (dict(pool=torch.zeros(200, 1, 8, 8), labeled=None), "list of integers"),
     (dict(strategy="fishermask"), "needs mask="),
     (dict(mask="whatever.safetensors"), "uses no mask"),
     (dict(strategy="bald"), "mc-dropout"),
@@ -185,10 +184,13 @@ def test_select_refuses_in_one_line(change, message, loaded):
         fmask.select(arguments.pop("strategy"), **arguments)
 
 
-def test_a_labeled_id_twice_is_refused(loaded):
+def test_a_labeled_id_twice_and_a_labeled_set_on_a_tensor_are_refused(loaded, tiny_run):
     pool, labeled_ids, model = loaded
     with pytest.raises(FmaskError, match="twice"):
         fmask.select("margin", model=model, pool=pool, labeled=[labeled_ids[0]] * 2, batch=BATCH)
+    labeled_set = fmask.load_labeled(tiny_run / "pool" / "labeled.json", pool)
+    with pytest.raises(FmaskError, match="positions"):
+        fmask.select("margin", model=model, pool=pool.inputs(pool.ids), labeled=labeled_set, batch=BATCH)
 
 
 def test_a_mask_that_does_not_fit_the_model_is_refused(loaded, tiny_fisher_mask):

@@ -22,6 +22,9 @@ from fmask.core.progress import ProgressFn
 
 @dataclass
 class Selection:
+    """What a strategy picked: ``ids`` in selection order (sample ids; positions for a tensor pool in
+    :func:`fmask.select`), ``scores[i]`` the score ``ids[i]`` had when it was picked."""
+
     ids: list[int]  # sample ids, in selection order
     scores: list[float]  # the score each id had when it was picked (strategy-specific meaning)
     details: dict[str, Any] = field(default_factory=dict)  # choices worth recording in the query file

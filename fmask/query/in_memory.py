@@ -62,7 +62,10 @@ def _open_pool(pool: PoolLike, labeled: Any) -> tuple[Pool | TensorPool, list[in
     """The pool and the labeled ids checked against it: sample ids of a built pool, positions of a tensor."""
     if isinstance(pool, (str, os.PathLike)):
         pool = load_pool(pool)
-    if isinstance(labeled, LabeledSet) and (not isinstance(pool, Pool) or labeled.data["pool"] != pool.hash):
+    if isinstance(labeled, LabeledSet) and not isinstance(pool, Pool):
+        raise FmaskError(f"labeled set {labeled.path} names sample ids of a built pool; with a tensor pool, pass the "
+                         "labeled rows' positions")
+    if isinstance(labeled, LabeledSet) and labeled.data["pool"] != pool.hash:
         raise FmaskError(f"labeled set {labeled.path} belongs to another pool; pass the pool it was made for")
     ids = _as_int_list(labeled, "labeled")
     if isinstance(pool, torch.Tensor):
