@@ -353,9 +353,11 @@ class Pool:
         """uint8 (n, C, H, W) -> the float input the model takes (on the images' device)."""
         return (images.float() / 255.0 - self.mean.to(images.device)) / self.std.to(images.device)
 
-    def inputs(self, ids: Sequence[int]) -> torch.Tensor:
-        """Exactly the normalised float inputs (n, C, H, W) that the fisher and query steps feed the model."""
-        return self.normalize(self.images(ids))
+    def inputs(self, ids: Sequence[int], device: Optional[torch.device] = None) -> torch.Tensor:
+        """Exactly the normalised float inputs (n, C, H, W) that the fisher and query steps feed the model; with
+        ``device``, the uint8 rows move there and are normalised there (a quarter of the bytes to copy)."""
+        images = self.images(ids)
+        return self.normalize(images if device is None else images.to(device, non_blocking=True))
 
 
 def read_sample_paths(pool_dir: Path, count: int) -> list[str]:

@@ -128,9 +128,10 @@ class FeaturePool:
     def labels(self, ids: Sequence[int]) -> torch.Tensor:
         return self.pool.labels(ids)
 
-    def inputs(self, ids: Sequence[int]) -> torch.Tensor:
-        """The cached features (n, E) of sample ``ids`` (only these rows are read from the file)."""
-        return self.features.train[self.pool.rows(ids)]
+    def inputs(self, ids: Sequence[int], device: Optional[torch.device] = None) -> torch.Tensor:
+        """The cached features (n, E) of sample ``ids`` (only these rows are read from the file), on ``device``."""
+        rows = self.features.train[self.pool.rows(ids)]
+        return rows if device is None else rows.to(device)
 
     @property
     def test_inputs(self) -> torch.Tensor:

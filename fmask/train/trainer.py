@@ -33,7 +33,7 @@ from fmask.core.threads import fit_threads_to_work
 from fmask.core.numerics import autocast, resolve_precision
 from fmask.train.augment import RESIDENT_SHARE, Normalizer, TrainBatches, device_images, draw_crop_flip, padded_nbytes
 from fmask.train.checkpoint import load_checkpoint, save_checkpoint
-from fmask.train.metrics import record_metrics, test_metrics
+from fmask.train.metrics import Evaluation, record_metrics, test_metrics
 from fmask.train.models import build_model, set_head_dropout
 from fmask.train.recipe import check_recipe, make_optimizer, make_schedule
 from fmask.train.validation import TEST, VALIDATION, not_measured, validation_split
@@ -79,8 +79,13 @@ class TrainConfig:
 class TrainResult:
     checkpoint: Path
     skipped: bool
-    metrics: dict
+    metrics: dict  # as the checkpoint records it
     notes: list[str] = field(default_factory=list)  # one-line notices for the user (e.g. the streaming fallback)
+
+    @property
+    def evaluation(self) -> Evaluation:
+        """The metrics, typed."""
+        return Evaluation.from_metrics(self.metrics)
 
 
 def validate_config(config: TrainConfig, device: torch.device) -> TrainConfig:
