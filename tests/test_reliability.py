@@ -453,19 +453,23 @@ def test_second_writer_into_a_directory_being_written_is_refused_then_runs(zygot
     busy = tmp_path / "busy"
     slow = zygote.start("train", "--pool", tiny_run / "pool", "--model", "cnn", "--epochs", "100000",
                         "--target-accuracy", "2", "--batch-size", "16", "--device", "cpu", "--out", busy / "slow.pt")
-    wait_until(lambda: lock_holder(busy) is not None)
-    holder = lock_holder(busy)
-    assert (holder.pid, holder.command) == (slow, "train")
-    query = ["query", "--ckpt", tiny_run / "round0.pt", "--batch", "3", "--device", "cpu", "--out", busy / "q.json"]
-    line = refused_line(invoke(*query))
-    assert f"another fmask command (pid {slow}: train) is writing {busy}; wait for it or use another --out" in line
-    line = refused_line(invoke("train", "--pool", tiny_run / "pool", "--model", "cnn", "--epochs", "1",
-                               "--device", "cpu", "--out", busy / "slow.pt"))
-    assert f"pid {slow}: train" in line
-    assert not (busy / "q.json").exists()
-    os.kill(slow, signal.SIGINT)  # Ctrl-C: the slow train ends (exit 130), keeping only finished artifacts
-    assert zygote.wait(slow)["code"] == 130
-    assert not busy.exists()  # no checkpoint, no temp file, no lock file: not even the directory it made
+    try:
+        wait_until(lambda: lock_holder(busy) is not None)
+        holder = lock_holder(busy)
+        assert (holder.pid, holder.command) == (slow, "train")
+        query = ["query", "--ckpt", tiny_run / "round0.pt", "--batch", "3", "--device", "cpu", "--out", busy / "q.json"]
+        line = refused_line(invoke(*query))
+        assert f"another fmask command (pid {slow}: train) is writing {busy}; wait for it or use another --out" in line
+        line = refused_line(invoke("train", "--pool", tiny_run / "pool", "--model", "cnn", "--epochs", "1",
+                                   "--device", "cpu", "--out", busy / "slow.pt"))
+        assert f"pid {slow}: train" in line
+        assert not (busy / "q.json").exists()
+        os.kill(slow, signal.SIGINT)  # Ctrl-C: the slow train ends (exit 130), keeping only finished artifacts
+        assert zygote.wait(slow)["code"] == 130
+        assert not busy.exists()  # no checkpoint, no temp file, no lock file: not even the directory it made
+    finally:  # a failed assertion must not leave the 100,000-epoch training running
+        if busy.exists() and lock_holder(busy) is not None:
+            os.kill(slow, signal.SIGKILL)
     result = invoke(*query)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in busy.iterdir()) == ["q.csv", "q.json"]  # the query and its CSV list
