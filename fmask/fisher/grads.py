@@ -769,6 +769,35 @@ def _as_model_input(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -
     return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
 
 
+def fisher_sums(
+    model: nn.Module,
+    inputs: InputSource,
+    *,
+    num_samples: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    device: Optional[torch.device] = None,
+    max_elements: Optional[int] = None,
+    progress: Optional[ProgressFn] = None,
+) -> dict[str, torch.Tensor]:
+    """Σ_x Σ_y p_y(x) (∂ log p_y(x)/∂θ_i)² over the samples, model in eval mode: one float64 tensor per parameter
+    (its shape), on the model's device, in ``model.named_parameters()`` order; zeros without samples (a rank whose
+    shard is empty). Arguments as :func:`fisher_diagonal`, which is these sums over the sample count."""
+    total, load = _batches(inputs, num_samples)
+    device, dtype = _model_device_dtype(model, device)
+    acc = {name: torch.zeros(p.shape, dtype=torch.float64, device=device) for name, p in model.named_parameters()}
+    if total == 0:
+        return acc
+    batch_size, max_elements = _plan_for(model, device, load, total, batch_size, max_elements)
+    engine = PerSampleGradients(model, max_elements=max_elements)
+    with engine:
+        for start in range(0, total, batch_size):
+            end = min(total, start + batch_size)
+            engine.accumulate_fisher(_as_model_input(load(start, end), device, dtype), acc)
+            if progress is not None:
+                progress("Fisher diagonal", end, total)
+    return acc
+
+
 def fisher_diagonal(
     model: nn.Module,
     inputs: InputSource,
@@ -786,20 +815,12 @@ def fisher_diagonal(
     The model must already be on ``device`` (default: where its parameters are). ``batch_size`` and
     ``max_elements`` default to :func:`plan_fisher_pass`'s for the device.
     """
-    total, load = _batches(inputs, num_samples)
+    total, _ = _batches(inputs, num_samples)
     if total < 1:
         raise FmaskError("no samples to estimate the Fisher diagonal from; the unlabeled pool is empty")
-    device, dtype = _model_device_dtype(model, device)
-    batch_size, max_elements = _plan_for(model, device, load, total, batch_size, max_elements)
-    acc = {name: torch.zeros(p.shape, dtype=torch.float64, device=device) for name, p in model.named_parameters()}
-    engine = PerSampleGradients(model, max_elements=max_elements)
-    with engine:
-        for start in range(0, total, batch_size):
-            end = min(total, start + batch_size)
-            engine.accumulate_fisher(_as_model_input(load(start, end), device, dtype), acc)
-            if progress is not None:
-                progress("Fisher diagonal", end, total)
-    return {name: (value / total).cpu() for name, value in acc.items()}
+    sums = fisher_sums(model, inputs, num_samples=num_samples, batch_size=batch_size, device=device,
+                       max_elements=max_elements, progress=progress)
+    return {name: (value / total).cpu() for name, value in sums.items()}
 
 
 def masked_embeddings(
