@@ -769,7 +769,7 @@ def _as_model_input(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -
     return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
 
 
-def fisher_sums(
+def fisher_diagonal(
     model: nn.Module,
     inputs: InputSource,
     *,
@@ -778,11 +778,19 @@ def fisher_sums(
     device: Optional[torch.device] = None,
     max_elements: Optional[int] = None,
     progress: Optional[ProgressFn] = None,
+    sums: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Σ_x Σ_y p_y(x) (∂ log p_y(x)/∂θ_i)² over the samples, model in eval mode: one float64 tensor per parameter
-    (its shape), on the model's device, in ``model.named_parameters()`` order; zeros without samples (a rank whose
-    shard is empty). Arguments as :func:`fisher_diagonal`, which is these sums over the sample count."""
+    """Exact diagonal Fisher F_i = mean_x Σ_y p_y(x) (∂ log p_y(x)/∂θ_i)², model in eval mode.
+
+    Returns one float64 CPU tensor per parameter (its shape), in ``model.named_parameters()`` order.
+    ``inputs`` is a tensor (N, ...) or a loader ``positions -> batch`` with ``num_samples``.
+    The model must already be on ``device`` (default: where its parameters are). ``batch_size`` and
+    ``max_elements`` default to :func:`plan_fisher_pass`'s for the device. ``sums``: the sums over the samples
+    instead of their mean, left on the device, zeros without samples (a rank's shard, summed over the ranks next).
+    """
     total, load = _batches(inputs, num_samples)
+    if total < 1 and not sums:
+        raise FmaskError("no samples to estimate the Fisher diagonal from; the unlabeled pool is empty")
     device, dtype = _model_device_dtype(model, device)
     acc = {name: torch.zeros(p.shape, dtype=torch.float64, device=device) for name, p in model.named_parameters()}
     if total == 0:
@@ -795,32 +803,7 @@ def fisher_sums(
             engine.accumulate_fisher(_as_model_input(load(start, end), device, dtype), acc)
             if progress is not None:
                 progress("Fisher diagonal", end, total)
-    return acc
-
-
-def fisher_diagonal(
-    model: nn.Module,
-    inputs: InputSource,
-    *,
-    num_samples: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    device: Optional[torch.device] = None,
-    max_elements: Optional[int] = None,
-    progress: Optional[ProgressFn] = None,
-) -> dict[str, torch.Tensor]:
-    """Exact diagonal Fisher F_i = mean_x Σ_y p_y(x) (∂ log p_y(x)/∂θ_i)², model in eval mode.
-
-    Returns one float64 CPU tensor per parameter (its shape), in ``model.named_parameters()`` order.
-    ``inputs`` is a tensor (N, ...) or a loader ``positions -> batch`` with ``num_samples``.
-    The model must already be on ``device`` (default: where its parameters are). ``batch_size`` and
-    ``max_elements`` default to :func:`plan_fisher_pass`'s for the device.
-    """
-    total, _ = _batches(inputs, num_samples)
-    if total < 1:
-        raise FmaskError("no samples to estimate the Fisher diagonal from; the unlabeled pool is empty")
-    sums = fisher_sums(model, inputs, num_samples=num_samples, batch_size=batch_size, device=device,
-                       max_elements=max_elements, progress=progress)
-    return {name: (value / total).cpu() for name, value in sums.items()}
+    return acc if sums else {name: (value / total).cpu() for name, value in acc.items()}
 
 
 def masked_embeddings(

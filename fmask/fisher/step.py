@@ -27,7 +27,7 @@ import fmask
 from fmask.core import distributed, paths
 from fmask.core.device import format_bytes, resolve_device
 from fmask.core.errors import FmaskError
-from fmask.fisher.grads import (DEFAULT_BATCH_SIZE, check_embedding_rows, fisher_sums, masked_embeddings,
+from fmask.fisher.grads import (DEFAULT_BATCH_SIZE, check_embedding_rows, fisher_diagonal, masked_embeddings,
                                 plan_fisher_pass)
 from fmask.core.progress import ProgressFn
 from fmask.fisher.mask import MaskColumns, check_sparsity_works, is_head_parameter, mask_size, top_k_mask
@@ -344,8 +344,8 @@ def _fisher_over(model: torch.nn.Module, pool, ids: list[int], *, batch_size: in
     """The Fisher diagonal over ``ids`` (mean over samples, float64 on CPU, per parameter): each rank sums its block
     of whole batches, the sums are all-reduced (float64), every rank returns the result. Collective."""
     mine = distributed.shard(ids, align=batch_size)
-    sums = fisher_sums(model, lambda positions: pool.inputs([mine[i] for i in positions]), num_samples=len(mine),
-                       batch_size=batch_size, device=device, progress=progress)
+    sums = fisher_diagonal(model, lambda positions: pool.inputs([mine[i] for i in positions]), num_samples=len(mine),
+                           batch_size=batch_size, device=device, progress=progress, sums=True)
     return {name: (distributed.all_reduce_sum(value) / len(ids)).cpu() for name, value in sums.items()}
 
 

@@ -34,12 +34,11 @@ from typing import Optional
 import torch
 
 from fmask.core.errors import FmaskError
-from fmask.query.base import QueryContext, Selection, Strategy, read_option, require_labeled
+from fmask.query.base import QueryContext, Selection, Strategy, check_batch, read_option, require_labeled
 from fmask.core.progress import ProgressFn
 from fmask.query.mc_dropout import candidate_log_probs
 from fmask.query.registry import register_strategy
 from fmask.query.strategies.bald import expected_entropies
-from fmask.query.strategies.kcenter import check_batch
 
 DEFAULT_NUM_SAMPLES = 1000
 BLOCK_ELEMENTS = 1 << 22  # candidates × configurations × classes scored at once

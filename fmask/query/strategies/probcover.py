@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from fmask.core.errors import FmaskError
-from fmask.query.base import QueryContext, Selection, Strategy, read_option
+from fmask.query.base import QueryContext, Selection, Strategy, check_batch, read_option
 from fmask.core.progress import ProgressFn
 from fmask.query.clustering import block_rows, kmeans_labels, squared_distances
 from fmask.query.registry import register_strategy
-from fmask.query.strategies.kcenter import check_batch
 from fmask.query.strategies.typiclust import pool_features
 
 DEFAULT_PURITY = 0.95

@@ -17,10 +17,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fmask.query.base import QueryContext, Selection, Strategy
+from fmask.query.base import QueryContext, Selection, Strategy, check_batch
 from fmask.query.clustering import as_numpy, kmeans_labels
 from fmask.query.registry import register_strategy
-from fmask.query.strategies.kcenter import check_batch
 
 TYPICALITY_NEIGHBOURS = 20
 
