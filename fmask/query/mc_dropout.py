@@ -22,6 +22,22 @@ from fmask.train.models import head_dropout_rate
 
 DEFAULT_MC_SAMPLES = 20
 DEFAULT_CHUNK_ROWS = 1024
+ROWS_PER_CHUNK = 8192  # entropies: bounds the float64 copies to 8192 × S × C
+
+
+def entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
+    """−Σ_c p log p over the last axis, from log p (0 · log 0 counts as 0)."""
+    finite = log_probs.clamp(min=torch.finfo(log_probs.dtype).min)  # -inf would give 0 · -inf = NaN
+    return -(finite.exp() * finite).sum(dim=-1)
+
+
+def expected_entropies(log_probs: torch.Tensor) -> torch.Tensor:
+    """mean_s H[p_s(y | x)] for every candidate of ``log_probs`` (N, S, C): float64, (N,)."""
+    out = torch.empty(log_probs.shape[0], dtype=torch.float64, device=log_probs.device)
+    for start in range(0, log_probs.shape[0], ROWS_PER_CHUNK):
+        out[start:start + ROWS_PER_CHUNK] = entropy_from_log_probs(
+            log_probs[start:start + ROWS_PER_CHUNK].double()).mean(dim=1)
+    return out
 
 
 @torch.no_grad()

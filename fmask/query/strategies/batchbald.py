@@ -36,9 +36,8 @@ import torch
 from fmask.core.errors import FmaskError
 from fmask.query.base import QueryContext, Selection, Strategy, check_batch, read_option, require_labeled
 from fmask.core.progress import ProgressFn
-from fmask.query.mc_dropout import candidate_log_probs
+from fmask.query.mc_dropout import candidate_log_probs, expected_entropies
 from fmask.query.registry import register_strategy
-from fmask.query.strategies.bald import expected_entropies
 
 DEFAULT_NUM_SAMPLES = 1000
 BLOCK_ELEMENTS = 1 << 22  # candidates × configurations × classes scored at once

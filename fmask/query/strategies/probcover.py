@@ -29,9 +29,8 @@ import torch.nn.functional as F
 from fmask.core.errors import FmaskError
 from fmask.query.base import QueryContext, Selection, Strategy, check_batch, read_option
 from fmask.core.progress import ProgressFn
-from fmask.query.clustering import block_rows, kmeans_labels, squared_distances
+from fmask.query.clustering import block_rows, candidates_and_labeled_features, kmeans_labels, squared_distances
 from fmask.query.registry import register_strategy
-from fmask.query.strategies.typiclust import pool_features
 
 DEFAULT_PURITY = 0.95
 PURITY_SAMPLE = 5_000
@@ -141,7 +140,7 @@ class ProbCoverStrategy(Strategy):
 
     def select(self, ctx: QueryContext, batch: int) -> Selection:
         check_batch(ctx, batch)
-        features, labeled = pool_features(ctx)
+        features, labeled = candidates_and_labeled_features(ctx)
         points = normalized(features.to(ctx.device))
         radius = read_option(ctx.options, "radius", float, None)
         if radius is None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fmask.query.base import QueryContext, Selection, Strategy, check_batch
-from fmask.query.clustering import as_numpy, kmeans_labels
+from fmask.query.clustering import as_numpy, candidates_and_labeled_features, kmeans_labels
 from fmask.query.registry import register_strategy
 
 TYPICALITY_NEIGHBOURS = 20
@@ -90,14 +90,6 @@ def _select(features: torch.Tensor | np.ndarray, labeled: np.ndarray, batch: int
     return typiclust_pick(features, labeled, batch, cluster_of)
 
 
-def pool_features(ctx: QueryContext) -> tuple[torch.Tensor, np.ndarray]:
-    """Features of the candidates then the labeled samples (N, E), and the mask of the labeled rows."""
-    candidates, labeled = ctx.features(ctx.unlabeled_ids), ctx.features(ctx.labeled_ids)
-    mask = np.zeros(len(candidates) + len(labeled), dtype=bool)
-    mask[len(candidates):] = True
-    return torch.cat([candidates, labeled]), mask
-
-
 @register_strategy("typiclust")
 class TypiClustStrategy(Strategy):
     """Cold-start diversity: the most typical point of each of the largest clusters without labels."""
@@ -106,6 +98,6 @@ class TypiClustStrategy(Strategy):
 
     def select(self, ctx: QueryContext, batch: int) -> Selection:
         check_batch(ctx, batch)
-        features, labeled = pool_features(ctx)
+        features, labeled = candidates_and_labeled_features(ctx)
         positions, scores = _select(features, labeled, batch, ctx.seed)
         return Selection(ids=[ctx.unlabeled_ids[p] for p in positions], scores=scores)
