@@ -275,9 +275,16 @@ def fisher_greedy_detailed(pool: torch.Tensor, batch: int, labeled: Optional[tor
     _fisher_mode(opts)  # an unknown m0 is refused even for an empty batch
     if batch == 0:
         return FisherGreedyResult([], [])
-    plan = plan_selection(pool.shape[0], r, d, 0 if labeled is None else labeled.shape[0], batch=batch,
-                          total_candidates=blocks.total, options=opts, device=device, dtype=dtype,
-                          inputs_on_device=inputs_on_device)
+    try:
+        plan, refusal = plan_selection(pool.shape[0], r, d, 0 if labeled is None else labeled.shape[0], batch=batch,
+                                       total_candidates=blocks.total, options=opts, device=device, dtype=dtype,
+                                       inputs_on_device=inputs_on_device), None
+    except FmaskError as exc:
+        plan, refusal = None, str(exc)
+    # A rank whose memory cannot hold its part refuses on every rank (none is left waiting in a collective).
+    refusals = [line for line in distributed.all_gather_objects(refusal) if line]
+    if refusals:
+        raise FmaskError(refusals[0])
     guard_tol = 10.0 * math.sqrt(torch.finfo(dtype).eps) if opts.guard_tol is None else opts.guard_tol
     with torch.no_grad():  # embeddings may arrive with autograd history; none of this needs it
         engine = _Engine(pool, labeled, blocks, batch, opts.lamb, opts.fisher, plan, dtype, device, guard_tol,
