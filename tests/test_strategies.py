@@ -96,7 +96,8 @@ def test_register_strategy_rejects_a_second_class_under_one_name():
 
 
 def test_no_strategy_imports_another():
-    """Shared helpers live in fmask.query's own modules (base, clustering, uncertainty, mc_dropout, fisher_greedy)."""
+    """Shared helpers live in fmask.query's own modules (base, clustering, coverage, uncertainty, mc_dropout,
+    fisher_greedy)."""
     import ast
     from pathlib import Path
 

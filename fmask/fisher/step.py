@@ -36,7 +36,7 @@ from fmask.core.atomic import atomic_save_safetensors, check_writable
 from fmask.core.hashing import FORMAT_VERSION, sha256_file, sha256_json
 from fmask.core.locking import output_lock
 from fmask.core.readers import read_safetensors, read_safetensors_rows, safetensors_shapes
-from fmask.core.steps import STEP_KEY, step_is_current
+from fmask.core.steps import STEP_KEY, step_is_current, step_output
 
 FISHER = "fmask fisher"
 MASK_KIND = "fisher-mask"
@@ -477,13 +477,9 @@ def run_fisher(
     # Shards are whole batches, so every rank must batch alike: the smallest batch any rank's memory allows.
     batch_size = int(distributed.all_gather_concat(torch.tensor([setup.batch_size])).min())
     cache = paths.embeddings_cache(out)
-    with ExitStack() as held:
-        def lock_and_check() -> bool:
-            check_writable(out)
-            held.enter_context(output_lock(out.parent, "fisher", outputs=(out.name, cache.name)))
-            return not force and step_is_current(out, setup.step)
-
-        skipped = distributed.main_decides(lock_and_check)  # rank 0 locks and writes; the others follow
+    # The cache's own writability is checked when (and if) it is written, under the same lock.
+    with step_output(out, command="fisher", step=setup.step, force=force, beside=(cache,), writable=(out,)) as output:
+        skipped = output.current
         model = model.to(torch_device)
         if not skipped:
             chosen = unlabeled
@@ -491,7 +487,7 @@ def run_fisher(
                 predicted = _predicted_classes(model, pool, unlabeled, torch_device, batch_size, progress)
                 chosen = stratified_subsample(unlabeled, predicted, subsample, seed)
             fisher = _fisher_over(model, pool, chosen, batch_size=batch_size, device=torch_device, progress=progress)
-            if distributed.is_main():
+            if output.writes:
                 tensors, metadata = mask_artifact(setup, fisher, sparsity=sparsity, head=head,
                                                   embed_dtype=embed_dtype, samples_used=len(chosen))
                 atomic_save_safetensors(out, tensors, metadata)
@@ -502,7 +498,6 @@ def run_fisher(
                                              dtype=embed_dtype, batch_size=batch_size, progress=progress,
                                              force=force)[2]
             skipped = skipped and not computed
-        distributed.barrier()  # nobody returns (and rank 0 releases nothing) before rank 0 has written
     return FisherResult(
         out=out, skipped=skipped, k=mask_file.k, num_parameters=setup.num_parameters,
         samples=int(mask_file.metadata.get("samples", 0)), head=mask_file.head,

@@ -3,8 +3,9 @@ on first use so that importing a strategy module stays light.
 
 Layout: ``base`` (the selection contract), ``registry``, ``step`` (``fmask query``), the shared machinery the
 strategies build on (``fisher_greedy``: the Fisher-greedy engine of fishermask and bait; ``clustering``: distance,
-k-means and k-means++ helpers; ``uncertainty``: scores from predicted probabilities; ``mc_dropout``: BALD's
-passes), and ``strategies/``, one module per strategy, each importing from those and never from another strategy.
+k-means and k-means++ helpers; ``coverage``: the select of TypiClust and ProbCover; ``uncertainty``: scores from
+predicted probabilities; ``mc_dropout``: the passes and select of BALD and BatchBALD), and ``strategies/``, one
+module per strategy, each importing from those and never from another strategy.
 """
 
 _EXPORTS = {

@@ -127,11 +127,3 @@ def kmeans_plus_plus(sq_norms: torch.Tensor, sq_distances_to: Callable[[int], to
         if progress is not None:
             progress(task, step + 1, batch)
     return positions, distances
-
-
-def candidates_and_labeled_features(ctx: QueryContext) -> tuple[torch.Tensor, np.ndarray]:
-    """Features of the candidates then the labeled samples (N, E), and the mask of the labeled rows."""
-    candidates, labeled = ctx.features(ctx.unlabeled_ids), ctx.features(ctx.labeled_ids)
-    mask = np.zeros(len(candidates) + len(labeled), dtype=bool)
-    mask[len(candidates):] = True
-    return torch.cat([candidates, labeled]), mask

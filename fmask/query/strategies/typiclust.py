@@ -17,8 +17,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fmask.query.base import QueryContext, Selection, Strategy, check_batch
-from fmask.query.clustering import as_numpy, candidates_and_labeled_features, kmeans_labels
+from fmask.query.base import QueryContext
+from fmask.query.clustering import as_numpy, kmeans_labels
+from fmask.query.coverage import PoolFeatureStrategy
 from fmask.query.registry import register_strategy
 
 TYPICALITY_NEIGHBOURS = 20
@@ -91,13 +92,9 @@ def _select(features: torch.Tensor | np.ndarray, labeled: np.ndarray, batch: int
 
 
 @register_strategy("typiclust")
-class TypiClustStrategy(Strategy):
+class TypiClustStrategy(PoolFeatureStrategy):
     """Cold-start diversity: the most typical point of each of the largest clusters without labels."""
 
-    cold_start = True  # features only: works on a pretrained backbone before any checkpoint exists
-
-    def select(self, ctx: QueryContext, batch: int) -> Selection:
-        check_batch(ctx, batch)
-        features, labeled = candidates_and_labeled_features(ctx)
-        positions, scores = _select(features, labeled, batch, ctx.seed)
-        return Selection(ids=[ctx.unlabeled_ids[p] for p in positions], scores=scores)
+    def pick(self, ctx: QueryContext, features: torch.Tensor, labeled: np.ndarray, batch: int
+             ) -> tuple[list[int], list[float]]:
+        return _select(features, labeled, batch, ctx.seed)
