@@ -5,8 +5,9 @@
 
 Baselines (the straightforward way, as most AL toolkits do it):
   k-center  the full N x (N + L) candidate-to-everything distance matrix, then farthest-first on its columns;
-  BADGE     the explicit N x (C·E) gradient embeddings, then the same seeded k-means++ (largest norm first,
-            D²-weighted draws with fmask's sampler) using distances from those embeddings.
+  BADGE     the explicit N x (C·E) gradient embeddings, then fmask's own seeded k-means++ (largest norm first,
+            D²-weighted draws; fmask.query.clustering.kmeans_plus_plus) on distances from those embeddings, so the
+            two sides differ in how distances are computed alone.
 Both sides work in float64 from the same float32 inputs, and the selections are asserted identical.
 
 Each side runs in a fresh subprocess so its peak memory is its own: on CPU the peak resident set size
@@ -35,7 +36,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fmask.query.strategies.badge import badge_select, sample_proportional  # noqa: E402
+from fmask.query.clustering import kmeans_plus_plus  # noqa: E402
+from fmask.query.strategies.badge import badge_select  # noqa: E402
 from fmask.query.strategies.kcenter import kcenter_greedy  # noqa: E402
 
 SIDES = ("kcenter-chunked", "kcenter-full-matrix", "badge-factorized", "badge-explicit")
@@ -70,22 +72,11 @@ def badge_explicit(probs: torch.Tensor, features: torch.Tensor, batch: int, gene
     residuals[torch.arange(n, device=probs.device), residuals.argmax(dim=1)] -= 1.0
     embeddings = (residuals[:, :, None] * features.double()[:, None, :]).reshape(n, -1)
     sq_norms = torch.einsum("ij,ij->i", embeddings, embeddings)
-    chosen = [int(torch.argmax(sq_norms).item())]
-    taken = torch.zeros(n, dtype=torch.bool, device=features.device)
-    taken[chosen[0]] = True
-    nearest = torch.full((n,), float("inf"), dtype=torch.float64, device=features.device)
-    for _ in range(batch - 1):
-        last = chosen[-1]
-        to_last = (sq_norms + sq_norms[last] - 2.0 * (embeddings @ embeddings[last])).clamp_(min=0.0)
-        torch.minimum(nearest, to_last, out=nearest)
-        nearest.masked_fill_(taken, 0.0)
-        if nearest.sum().item() > 0.0:
-            pick = sample_proportional(nearest, generator)
-        else:
-            pick = int(torch.nonzero(~taken)[0].item())
-        chosen.append(pick)
-        taken[pick] = True
-    return chosen
+
+    def to(center: int) -> torch.Tensor:  # distances from the materialized embeddings
+        return (sq_norms + sq_norms[center] - 2.0 * (embeddings @ embeddings[center])).clamp_(min=0.0)
+
+    return kmeans_plus_plus(sq_norms, to, batch, generator=generator)[0]  # fmask's seeding: only distances differ
 
 
 # ---------------------------------------------------------------- one side, in its own process

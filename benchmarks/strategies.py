@@ -36,7 +36,7 @@ from fmask.query import (badge_select, bald_scores, batchbald_select, cluster_ma
                          probcover_select, typiclust_select)
 from fmask.query.clustering import kmeans_labels
 from fmask.query.mc_dropout import mc_dropout_log_probs
-from fmask.query.strategies.margin import margin_scores
+from fmask.query.uncertainty import margin_scores
 from fmask.query.strategies.probcover import normalized, purity_radius
 
 SIDES = ("margin", "bald", "mc-dropout-passes", "batchbald", "kcenter", "badge", "typiclust", "probcover",

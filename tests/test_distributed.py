@@ -1,12 +1,15 @@
 """torch.distributed paths on CPU: two gloo processes on 127.0.0.1 against the single-process results.
 
-Each test spawns its two ranks once and checks several things inside them (process start-up is most of the
-cost on a 2-core machine); rank 0 saves what it saw and the test compares it with a single-process run.
+Process start-up is most of the cost on a small machine, so the two ranks are spawned once for the whole module
+(:func:`two_ranks`): they run every distributed part in turn (primitives, the Fisher-greedy engine, ``fmask fisher``
+and ``fmask query``, DDP training and its gradient) and save what each rank saw; each test then checks its part
+against a single-process run or an independent reference.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import traceback
 from pathlib import Path
@@ -42,9 +45,8 @@ def _entry(rank: int, port: int, target, args: tuple, out_dir: str) -> None:
         distributed.shutdown()
 
 
-def spawn(target, *args, tmp_path: Path) -> list:
+def spawn(target, *args, out_dir: Path) -> list:
     """Run ``target(*args)`` on WORLD gloo ranks; every rank's return value, in rank order."""
-    out_dir = tmp_path / f"ranks-{target.__name__}"
     out_dir.mkdir()
     try:
         mp.spawn(_entry, args=(_free_port(), target, args, str(out_dir)), nprocs=WORLD, join=True)
@@ -52,6 +54,21 @@ def spawn(target, *args, tmp_path: Path) -> list:
         errors = "\n".join(p.read_text() for p in sorted(out_dir.glob("*.error")))
         pytest.fail(f"a rank failed:\n{errors}")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _every_part(run_dir: str) -> dict:
+    """What one rank runs: each part of this module, in turn, in one process group."""
+    return {"primitives": _primitives(str(Path(run_dir).parent / "step")), "greedy": _sharded_greedy(GREEDY_CASES),
+            "fisher": _fisher_and_queries(run_dir), "train": _ddp_train(run_dir), "gradient": _ddp_gradient()}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_run, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """(the run directory the ranks worked in, each rank's results by part): one spawn for the whole module."""
+    root = tmp_path_factory.mktemp("distributed")
+    run_dir = root / "run"
+    shutil.copytree(tiny_run, run_dir)
+    return run_dir, spawn(_every_part, str(run_dir), out_dir=root / "ranks")
 
 
 # ---- primitives ----------------------------------------------------------------------------------------------
@@ -90,8 +107,9 @@ def _primitives(directory: str) -> dict:
     }
 
 
-def test_primitives_on_two_gloo_ranks(tmp_path):
-    first, second = spawn(_primitives, str(tmp_path / "step"), tmp_path=tmp_path)
+def test_primitives_on_two_gloo_ranks(two_ranks):
+    first, second = (rank["primitives"] for rank in two_ranks[1])
+    step_dir = two_ranks[0].parent / "step"
     assert (first["rank"], second["rank"], first["world"]) == (0, 1, 2)
     assert first["main"] and not second["main"]
     assert first["shard"] + second["shard"] == list(range(10, 21))  # contiguous, rank order
@@ -105,7 +123,7 @@ def test_primitives_on_two_gloo_ranks(tmp_path):
         assert result["step_output"]["second"] == (True, 0)  # current on every rank, rank 0's record shared
     assert first["step_output"]["first"] == (False, True) and second["step_output"]["first"] == (False, False)
     assert first["step_output"]["holder"] is None and second["step_output"]["holder"] == "test"  # rank 0 locked
-    assert sorted(p.name for p in (tmp_path / "step").iterdir()) == ["a.json"]  # one writer, lock released
+    assert sorted(p.name for p in step_dir.iterdir()) == ["a.json"]  # one writer, lock released
 
 
 def test_single_process_helpers_are_identities(monkeypatch):
@@ -131,17 +149,18 @@ def _instance(n: int, r: int, d: int, num_labeled: int, seed: int) -> tuple[torc
 
 
 def _sharded_greedy(cases: list[dict]) -> list:
-    from fmask.query.fisher_greedy_dist import fisher_greedy_distributed
+    """Each case through the engine, every rank passing its block of the candidates and of the labeled set."""
+    from fmask.query.fisher_greedy import fisher_greedy_detailed
 
     results = []
     for case in cases:
         pool, labeled = _instance(case["n"], case["r"], case["d"], case["labeled"], case["seed"])
         start, stop = distributed.shard_bounds(len(pool), align=case.get("align", 1))
         lstart, lstop = distributed.shard_bounds(len(labeled))
-        result = fisher_greedy_distributed(
+        result = fisher_greedy_detailed(
             pool[start:stop], case["batch"], labeled[lstart:lstop] if case["labeled"] else None,
             lamb=case["lamb"], backward_steps=case["backward"], dtype=case["dtype"], guard_tol=case.get("guard"),
-            chunk_size=case.get("chunk"))
+            chunk_size=case.get("chunk"), m0=case.get("m0", "identity"))
         results.append((result.positions, result.gains, result.refreshes, result.rebuilds))
     return results
 
@@ -152,20 +171,21 @@ GREEDY_CASES = [
     dict(n=37, r=3, d=15, labeled=5, batch=8, lamb=1.0, backward=False, dtype=torch.float32, seed=3, chunk=4),
     dict(n=30, r=2, d=9, labeled=4, batch=5, lamb=1.0, backward=True, dtype=torch.float32, seed=4, guard=0.0),
     dict(n=20, r=3, d=8, labeled=3, batch=4, lamb=1.0, backward=True, dtype=torch.float64, seed=5, align=32),
-]  # the last leaves rank 1 without candidates
+    dict(n=33, r=3, d=10, labeled=6, batch=5, lamb=0.7, backward=False, dtype=torch.float64, seed=6, m0="fisher"),
+]  # the fifth leaves rank 1 without candidates; the last starts from M_0 = lamb F (the paper's eq. 2)
 
 
-def test_sharded_fisher_greedy_matches_the_single_process_engine(tmp_path):
+def test_sharded_fisher_greedy_matches_the_single_process_engine(two_ranks):
     from fmask.query.fisher_greedy import fisher_greedy_detailed
 
-    ranks = spawn(_sharded_greedy, GREEDY_CASES, tmp_path=tmp_path)
+    ranks = [rank["greedy"] for rank in two_ranks[1]]
     assert ranks[0] == ranks[1]  # every rank ends with the same selection
     for case, (positions, gains, refreshes, _rebuilds) in zip(GREEDY_CASES, ranks[0]):
         pool, labeled = _instance(case["n"], case["r"], case["d"], case["labeled"], case["seed"])
         single = fisher_greedy_detailed(
             pool, case["batch"], labeled if case["labeled"] else None, lamb=case["lamb"],
             backward_steps=case["backward"], dtype=case["dtype"], guard_tol=case.get("guard"),
-            chunk_size=case.get("chunk"), fisher_mode="dense")
+            chunk_size=case.get("chunk"), fisher_mode="dense", m0=case.get("m0", "identity"))
         assert positions == single.positions, case  # same ids, same order
         tolerance = 1e-10 if case["dtype"] == torch.float64 else 1e-4
         assert torch.allclose(torch.tensor(gains), torch.tensor(single.gains), rtol=tolerance), case
@@ -180,18 +200,18 @@ FISHER_BATCH = 16  # 92 unlabeled samples: uneven shards of whole batches (3 and
 
 
 def _fisher_and_queries(run_dir: str) -> dict:
-    from fmask.distributed_fisher import run_fisher_distributed
+    from fmask.fisher import run_fisher
     from fmask.query.step import run_query
 
     root = Path(run_dir)
     ckpt = root / "round0.pt"
-    fisher = run_fisher_distributed(ckpt=ckpt, out=root / "dist" / "mask.safetensors", sparsity=SPARSITY,
-                                    samples=None, device="cpu", batch_size=FISHER_BATCH)
-    again = run_fisher_distributed(ckpt=ckpt, out=root / "dist" / "mask.safetensors", sparsity=SPARSITY,
-                                   device="cpu", batch_size=FISHER_BATCH)
+    fisher = run_fisher(ckpt=ckpt, out=root / "dist" / "mask.safetensors", sparsity=SPARSITY, samples=None,
+                        device="cpu", batch_size=FISHER_BATCH)
+    again = run_fisher(ckpt=ckpt, out=root / "dist" / "mask.safetensors", sparsity=SPARSITY, device="cpu",
+                       batch_size=FISHER_BATCH)
     # No cached embeddings: the query computes each rank's block itself.
-    bare = run_fisher_distributed(ckpt=ckpt, out=root / "dist" / "bare.safetensors", sparsity=SPARSITY,
-                                  device="cpu", batch_size=FISHER_BATCH, embeddings=False)
+    bare = run_fisher(ckpt=ckpt, out=root / "dist" / "bare.safetensors", sparsity=SPARSITY, device="cpu",
+                      batch_size=FISHER_BATCH, embeddings=False)
     selected = {}
     for name, strategy, mask, options in (
         ("fishermask", "fishermask", root / "dist" / "mask.safetensors", {}),
@@ -205,12 +225,12 @@ def _fisher_and_queries(run_dir: str) -> dict:
     return {"fisher_skipped": (fisher.skipped, again.skipped, bare.skipped), "selected": selected}
 
 
-def test_fisher_embeddings_and_queries_match_single_process(run_dir, tmp_path):
+def test_fisher_embeddings_and_queries_match_single_process(two_ranks):
     from fmask.fisher import load_mask, run_fisher
     from fmask.core.readers import read_safetensors
     from fmask.query.step import run_query
 
-    ranks = spawn(_fisher_and_queries, str(run_dir), tmp_path=tmp_path)
+    run_dir, ranks = two_ranks[0], [rank["fisher"] for rank in two_ranks[1]]
     assert ranks[0] == ranks[1]
     assert ranks[0]["fisher_skipped"] == (False, True, False)  # the rerun found rank 0's files current
 
@@ -264,11 +284,12 @@ def _ddp_train(run_dir: str) -> dict:
             "weights": weights}
 
 
-def test_ddp_training_is_reproducible_and_written_once(run_dir, tmp_path):
+def test_ddp_training_is_reproducible_and_written_once(two_ranks):
     from fmask.core.steps import recorded_step
     from fmask.train.checkpoint import load_checkpoint
 
-    first, second = spawn(_ddp_train, str(run_dir), tmp_path=tmp_path)
+    run_dir = two_ranks[0]
+    first, second = (rank["train"] for rank in two_ranks[1])
     assert first["metrics"] == second["metrics"]  # every rank returns rank 0's evaluation
     assert first["skipped"] and second["skipped"]
     a, b = load_checkpoint(run_dir / "ddp" / "a.pt"), load_checkpoint(run_dir / "ddp" / "b.pt")
@@ -281,26 +302,42 @@ def test_ddp_training_is_reproducible_and_written_once(run_dir, tmp_path):
     assert sorted(p.name for p in (run_dir / "ddp").iterdir()) == ["a.pt", "b.pt", "metrics.csv"]
 
 
-def _ddp_gradient() -> list:
-    """One DDP step on a model without BatchNorm: the update must be the single-process one on the whole batch."""
-    from torch.nn.parallel import DistributedDataParallel
+GRADIENT_BATCH = 7  # uneven parts: 4 samples on rank 0, 3 on rank 1
+NORMALIZATION = {"mean": [0.3, 0.5, 0.4], "std": [0.2, 0.25, 0.3]}
 
+
+def _gradient_problem() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A model without BatchNorm (so DDP's gradient is exactly the whole batch's), uint8 images and labels."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-    x, y = torch.randn(7, 6), torch.tensor([0, 1, 2, 0, 1, 2, 0])
-    start, stop = distributed.shard_bounds(7)
-    wrapped = DistributedDataParallel(model)
-    loss = torch.nn.functional.cross_entropy(wrapped(x[start:stop]), y[start:stop], reduction="sum")
-    (loss * distributed.world_size() / 7).backward()
-    return [p.grad.clone() for p in model.parameters()]
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5), torch.nn.Tanh(),
+                                torch.nn.Linear(5, 3))
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (GRADIENT_BATCH, 3, 4, 4), dtype=torch.uint8, generator=generator)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    return model, images, labels
 
 
-def test_ddp_loss_scaling_gives_the_whole_batch_gradient(tmp_path):
-    ranks = spawn(_ddp_gradient, tmp_path=tmp_path)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-    x, y = torch.randn(7, 6), torch.tensor([0, 1, 2, 0, 1, 2, 0])
-    torch.nn.functional.cross_entropy(model(x), y).backward()
-    for grads in ranks:
-        for got, want in zip(grads, [p.grad for p in model.parameters()]):
+def _ddp_gradient() -> dict:
+    """One epoch of fmask's TrainLoop (one whole batch, DDP over the ranks): the gradients it left on the model."""
+    from fmask.train.trainer import TrainConfig, TrainLoop
+
+    model, images, labels = _gradient_problem()
+    config = TrainConfig(model="cnn", batch_size=GRADIENT_BATCH, max_epochs=1, grad_clamp=None, augment=False,
+                         precision="fp32", channels_last=False)
+    loop = TrainLoop(model, images, labels, normalization=NORMALIZATION, augment={"crop_pad": 0, "flip": False},
+                     config=config, device=torch.device("cpu"))
+    loop.run_epoch()
+    return {"grads": [p.grad.clone() for p in model.parameters()], "loss": loop.last_loss}
+
+
+def test_ddp_loss_scaling_gives_the_whole_batch_gradient(two_ranks):
+    model, images, labels = _gradient_problem()
+    # The whole batch in one process, normalised by the literal formula: mean cross-entropy, its gradient.
+    mean, std = (torch.tensor(NORMALIZATION[key]).view(1, 3, 1, 1) for key in ("mean", "std"))
+    loss = torch.nn.functional.cross_entropy(model((images.float() / 255 - mean) / std), labels)
+    loss.backward()
+    for rank in two_ranks[1]:
+        result = rank["gradient"]
+        assert result["loss"] == pytest.approx(float(loss.detach()), rel=1e-6)
+        for got, want in zip(result["grads"], [p.grad for p in model.parameters()]):
             assert torch.allclose(got, want, atol=1e-6)

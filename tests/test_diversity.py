@@ -15,8 +15,8 @@ from fmask.query.strategies.badge import (
     gradient_embedding_residuals,
     gradient_embedding_sq_distances,
     gradient_embedding_sq_norms,
-    sample_proportional,
 )
+from fmask.query.clustering import sample_proportional
 from fmask.query.strategies.kcenter import kcenter_greedy, nearest_center_sq_distances
 from fmask.train.models import build_model
 

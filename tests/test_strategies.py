@@ -105,3 +105,20 @@ def test_register_strategy_rejects_a_second_class_under_one_name():
         @register_strategy("random")
         class Impostor:  # noqa: F841
             pass
+
+
+def test_no_strategy_imports_another():
+    """Shared helpers live in fmask.query's own modules (base, clustering, coverage, uncertainty, mc_dropout,
+    fisher_greedy)."""
+    import ast
+    from pathlib import Path
+
+    import fmask.query.strategies as package
+
+    offenders = []
+    for path in sorted(Path(package.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+            offenders += [f"{path.name}: {name}" for name in names if name.startswith("fmask.query.strategies")]
+    assert offenders == []

@@ -11,8 +11,7 @@ from fmask.core.device import memory_budget, parse_memory_size
 from fmask.core.numerics import deterministic_algorithms
 from fmask.cli.ui import done, progress_callback, show
 from fmask.fisher.profile import mask_profile_from_file
-from fmask.distributed_fisher import run_fisher_distributed
-from fmask.fisher.step import EMBED_DTYPES
+from fmask.fisher.step import EMBED_DTYPES, run_fisher
 
 
 @app.command("fisher")
@@ -51,10 +50,10 @@ def fisher_command(
     distributed.init_from_env(device)  # under torchrun: shard the pool; rank 0 alone writes and prints
     with deterministic_algorithms(deterministic), memory_budget(budget), \
             progress_callback() if distributed.is_main() else nullcontext(None) as progress:
-        result = run_fisher_distributed(ckpt=ckpt, out=out, pool_dir=pool, labeled=labeled, sparsity=sparsity,
-                                        samples=samples, head=head, seed=seed, device=device, embed_dtype=embed_dtype,
-                                        embeddings=embeddings, batch_size=batch_size, embedding_rows=embedding_rows,
-                                        m0=m0, force=force, progress=progress)
+        result = run_fisher(ckpt=ckpt, out=out, pool_dir=pool, labeled=labeled, sparsity=sparsity, samples=samples,
+                            head=head, seed=seed, device=device, embed_dtype=embed_dtype, embeddings=embeddings,
+                            batch_size=batch_size, embedding_rows=embedding_rows, m0=m0, force=force,
+                            progress=progress)
     if not distributed.is_main():
         return
     if result.head_fills_mask:

@@ -778,20 +778,24 @@ def fisher_diagonal(
     device: Optional[torch.device] = None,
     max_elements: Optional[int] = None,
     progress: Optional[ProgressFn] = None,
+    sums: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Exact diagonal Fisher F_i = mean_x Σ_y p_y(x) (∂ log p_y(x)/∂θ_i)², model in eval mode.
 
     Returns one float64 CPU tensor per parameter (its shape), in ``model.named_parameters()`` order.
     ``inputs`` is a tensor (N, ...) or a loader ``positions -> batch`` with ``num_samples``.
     The model must already be on ``device`` (default: where its parameters are). ``batch_size`` and
-    ``max_elements`` default to :func:`plan_fisher_pass`'s for the device.
+    ``max_elements`` default to :func:`plan_fisher_pass`'s for the device. ``sums``: the sums over the samples
+    instead of their mean, left on the device, zeros without samples (a rank's shard, summed over the ranks next).
     """
     total, load = _batches(inputs, num_samples)
-    if total < 1:
+    if total < 1 and not sums:
         raise FmaskError("no samples to estimate the Fisher diagonal from; the unlabeled pool is empty")
     device, dtype = _model_device_dtype(model, device)
-    batch_size, max_elements = _plan_for(model, device, load, total, batch_size, max_elements)
     acc = {name: torch.zeros(p.shape, dtype=torch.float64, device=device) for name, p in model.named_parameters()}
+    if total == 0:
+        return acc
+    batch_size, max_elements = _plan_for(model, device, load, total, batch_size, max_elements)
     engine = PerSampleGradients(model, max_elements=max_elements)
     with engine:
         for start in range(0, total, batch_size):
@@ -799,7 +803,7 @@ def fisher_diagonal(
             engine.accumulate_fisher(_as_model_input(load(start, end), device, dtype), acc)
             if progress is not None:
                 progress("Fisher diagonal", end, total)
-    return {name: (value / total).cpu() for name, value in acc.items()}
+    return acc if sums else {name: (value / total).cpu() for name, value in acc.items()}
 
 
 def masked_embeddings(

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,18 +24,19 @@ from typing import Optional, Sequence
 import torch
 
 import fmask
-from fmask.core import paths
+from fmask.core import distributed, paths
 from fmask.core.device import format_bytes, resolve_device
 from fmask.core.errors import FmaskError
-from fmask.fisher.grads import check_embedding_rows, fisher_diagonal, masked_embeddings, plan_fisher_pass
+from fmask.fisher.grads import (DEFAULT_BATCH_SIZE, check_embedding_rows, fisher_diagonal, masked_embeddings,
+                                plan_fisher_pass)
 from fmask.core.progress import ProgressFn
 from fmask.fisher.mask import MaskColumns, check_sparsity_works, is_head_parameter, mask_size, top_k_mask
 from fmask.core.numerics import deterministic_enabled, exact_float32
 from fmask.core.atomic import atomic_save_safetensors, check_writable
 from fmask.core.hashing import FORMAT_VERSION, sha256_file, sha256_json
 from fmask.core.locking import output_lock
-from fmask.core.readers import read_safetensors
-from fmask.core.steps import STEP_KEY, step_is_current
+from fmask.core.readers import read_safetensors, read_safetensors_rows, safetensors_shapes
+from fmask.core.steps import STEP_KEY, step_is_current, step_output
 
 FISHER = "fmask fisher"
 MASK_KIND = "fisher-mask"
@@ -130,6 +132,7 @@ class MaskFile:
         rows: Optional[str] = None,
         batch_size: Optional[int] = None,
         progress: Optional[ProgressFn] = None,
+        block: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(V_unlabeled (N, r, k), V_labeled (L, r, k)) for these ids, columns in mask order.
 
@@ -137,12 +140,20 @@ class MaskFile:
         ``rows`` (default: the mask's ``embedding_rows``) (and, if ``dtype`` is given, in that dtype); otherwise
         computed with ``model`` (the mask's checkpoint) in ``dtype`` (default: the one ``fmask fisher`` was asked
         for) and written to the cache.
+
+        Under a torch.distributed process group the call is collective: each rank computes its block of whole
+        batches (fmask.core.distributed.shard, ``align=batch_size``, 64 unless given) and the blocks are gathered
+        into the cache, which rank 0 writes. ``block``: return only this rank's block of each set (everything in one
+        process), read row by row from the cache, or computed and not written (writing would gather every row on
+        every rank).
         """
         return self._embeddings(model, pool, unlabeled_ids, labeled_ids, device=device, dtype=dtype, rows=rows,
-                                batch_size=batch_size, progress=progress)[:2]
+                                batch_size=batch_size, progress=progress, block=block)[:2]
 
     def _embeddings(self, model, pool, unlabeled_ids, labeled_ids, *, device, dtype, batch_size, progress,
-                    rows: Optional[str] = None, force: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                    rows: Optional[str] = None, force: bool = False, block: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """:meth:`embeddings`, and whether they were computed (False: read from the cache)."""
         if dtype is not None:
             _check_dtype(dtype)
         rows = rows or self.embedding_rows
@@ -151,62 +162,98 @@ class MaskFile:
         shapes = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
         if shapes != [(name, tuple(self.masks[name].shape)) for name in self.parameter_names]:
             raise FmaskError(f"mask {self.path} was made for another architecture; rerun `{FISHER}` on this checkpoint")
+        unlabeled_ids, labeled_ids = [int(i) for i in unlabeled_ids], [int(i) for i in labeled_ids]
         cache = paths.embeddings_cache(self.path)
         step = embeddings_step(self.hash, unlabeled_ids, labeled_ids, rows)
-        cached = None if force else self._read_cache(cache, step, dtype, len(unlabeled_ids), len(labeled_ids))
-        if cached is not None:  # reading needs no lock (nor a writable directory)
-            return (*cached, False)
-        with output_lock(cache.parent, "fisher", outputs=(cache.name,)):
-            cached = None if force else self._read_cache(cache, step, dtype, len(unlabeled_ids), len(labeled_ids))
-            if cached is not None:  # written meanwhile by another command
-                return (*cached, False)
-            return (*self._compute_embeddings(cache, step, model, pool, unlabeled_ids, labeled_ids, device=device,
-                                              dtype=dtype, rows=rows, batch_size=batch_size, progress=progress),
-                    True)
+        if batch_size is None and distributed.is_distributed():
+            batch_size = DEFAULT_BATCH_SIZE  # every rank must batch alike: shards are whole batches
+        # This rank's share of the work (everything in one process), and the rows it returns.
+        shares = [distributed.shard_bounds(len(ids), align=batch_size or 1) for ids in (unlabeled_ids, labeled_ids)]
+        wanted = shares if block else [(0, len(unlabeled_ids)), (0, len(labeled_ids))]
+        gathered = not (block and distributed.is_distributed())  # every row on every rank: the cache is written
 
-    def _read_cache(self, cache: Path, step: dict, dtype: Optional[str], num_unlabeled: int, num_labeled: int
-                    ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        if not step_is_current(cache, step):
-            return None
-        try:
-            tensors, metadata = read_safetensors(cache, what="embeddings cache", made_by=FISHER)
-            unlabeled, labeled = tensors["unlabeled"], tensors["labeled"]
-        except (FmaskError, KeyError):
-            return None  # a damaged cache is recomputed
-        if (dtype is None or metadata.get("dtype") == dtype) and unlabeled.shape[0] == num_unlabeled \
-                and labeled.shape[0] == num_labeled and unlabeled.shape[2] == self.k:
-            return unlabeled, labeled
-        return None
+        def read_everywhere() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+            """The cache's rows when every rank could read its own (computing is collective: all or none do)."""
+            found = None if force else self._read_cache(cache, step, dtype, len(unlabeled_ids), len(labeled_ids),
+                                                         wanted)
+            return found if all(distributed.all_gather_objects(found is not None)) else None
 
-    def _compute_embeddings(self, cache: Path, step: dict, model, pool, unlabeled_ids, labeled_ids, *, device,
-                            dtype, rows, batch_size, progress) -> tuple[torch.Tensor, torch.Tensor]:
+        found = read_everywhere()  # reading needs no lock (nor a writable directory)
+        if found is not None:
+            return (*found, False)
         dtype = dtype or self.metadata.get("embed_dtype", "float32")
         _check_dtype(dtype)
         num_classes = int(pool.num_classes)
-        check_embedding_memory(len(unlabeled_ids) + len(labeled_ids), num_classes, self.k, dtype)
-        check_writable(cache)
-        columns = self.columns
+        with ExitStack() as held:
+            def lock() -> None:
+                held.enter_context(output_lock(cache.parent, "fisher", outputs=(cache.name,)))
+
+            if gathered:
+                distributed.main_decides(lock)  # rank 0 writes
+                found = read_everywhere()
+                if found is not None:  # written meanwhile by another command
+                    return (*found, False)
+
+            def check() -> None:
+                check_embedding_memory(sum(stop - start for start, stop in wanted), num_classes, self.k, dtype)
+                if gathered:
+                    check_writable(cache)
+
+            distributed.main_decides(check)
+            unlabeled, labeled = self._compute_embeddings(model, pool, (unlabeled_ids, labeled_ids), shares,
+                                                          device=device, dtype=dtype, rows=rows,
+                                                          batch_size=batch_size, progress=progress,
+                                                          gather=gathered)
+            if gathered and distributed.is_main():
+                tensors = {"unlabeled": unlabeled, "labeled": labeled,
+                           "unlabeled_ids": torch.tensor(unlabeled_ids, dtype=torch.int64),
+                           "labeled_ids": torch.tensor(labeled_ids, dtype=torch.int64)}
+                metadata = {"format": str(FORMAT_VERSION), "kind": EMBEDDINGS_KIND, "fmask_version": _fmask_version(),
+                            "mask": self.hash, "k": str(self.k), "dtype": dtype, "rows": rows,
+                            STEP_KEY: json.dumps(step)}
+                atomic_save_safetensors(cache, tensors, metadata)
+            distributed.barrier()  # nobody reads the cache (or releases the lock) before rank 0 has written it
+        return unlabeled, labeled, True
+
+    def _read_cache(self, cache: Path, step: dict, dtype: Optional[str], num_unlabeled: int, num_labeled: int,
+                    wanted: list[tuple[int, int]]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Rows ``wanted`` (start, stop) of the unlabeled and labeled embeddings when the cache is current (made
+        for this step, ``dtype`` if given, these counts and k); None otherwise, or when it is damaged."""
+        if not step_is_current(cache, step):
+            return None
+        try:
+            shapes, metadata = safetensors_shapes(cache, what="embeddings cache", made_by=FISHER)
+            unlabeled, labeled = shapes["unlabeled"], shapes["labeled"]
+            if not ((dtype is None or metadata.get("dtype") == dtype) and len(unlabeled) == len(labeled) == 3
+                    and unlabeled[0] == num_unlabeled and labeled[0] == num_labeled and unlabeled[2] == self.k):
+                return None
+            # Only the rows asked for are read: the whole cache is N x classes x k on every rank otherwise.
+            found = read_safetensors_rows(cache, {"unlabeled": wanted[0], "labeled": wanted[1]},
+                                          what="embeddings cache", made_by=FISHER)
+        except (FmaskError, KeyError):
+            return None  # a damaged cache is recomputed
+        return found["unlabeled"], found["labeled"]
+
+    def _compute_embeddings(self, model, pool, ids: tuple[list[int], list[int]], shares: list[tuple[int, int]], *,
+                            device, dtype: str, rows: str, batch_size: Optional[int], progress, gather: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each rank's ``shares`` of the unlabeled and labeled ids, gathered over the ranks when ``gather``."""
+        columns, num_classes = self.columns, int(pool.num_classes)
         device = torch.device(device) if device is not None else next(model.parameters()).device
         model = model.to(device)
 
-        def compute(ids: Sequence[int], task: str) -> torch.Tensor:
-            ids = [int(i) for i in ids]
+        def compute(all_ids: list[int], share: tuple[int, int], task: str) -> torch.Tensor:
+            mine = all_ids[share[0]:share[1]]
             report = (lambda _task, done, total: progress(task, done, total)) if progress else None
-            return masked_embeddings(
-                model, lambda positions: pool.inputs([ids[i] for i in positions]), columns,
-                num_samples=len(ids), batch_size=batch_size, dtype=EMBED_DTYPES[dtype], device=device,
+            part = masked_embeddings(
+                model, lambda positions: pool.inputs([mine[i] for i in positions]), columns,
+                num_samples=len(mine), batch_size=batch_size, dtype=EMBED_DTYPES[dtype], device=device,
                 num_classes=num_classes, rows=rows, progress=report,
             )
+            return distributed.all_gather_concat(part) if gather else part
 
-        unlabeled = compute(unlabeled_ids, "gradient embeddings")
-        labeled = compute(labeled_ids, "labeled-set embeddings")
-        tensors = {"unlabeled": unlabeled, "labeled": labeled,
-                   "unlabeled_ids": torch.tensor([int(i) for i in unlabeled_ids], dtype=torch.int64),
-                   "labeled_ids": torch.tensor([int(i) for i in labeled_ids], dtype=torch.int64)}
-        metadata = {"format": str(FORMAT_VERSION), "kind": EMBEDDINGS_KIND, "fmask_version": _fmask_version(),
-                    "mask": self.hash, "k": str(self.k), "dtype": dtype, "rows": rows, STEP_KEY: json.dumps(step)}
-        atomic_save_safetensors(cache, tensors, metadata)
-        return unlabeled, labeled
+        return (compute(ids[0], shares[0], "gradient embeddings"),
+                compute(ids[1], shares[1], "labeled-set embeddings"))
 
 
 def _check_dtype(name: str) -> None:
@@ -281,18 +328,31 @@ def stratified_subsample(ids: Sequence[int], predicted: Sequence[int], n: int, s
 @torch.no_grad()
 def _predicted_classes(model: torch.nn.Module, pool, ids: list[int], device: torch.device, batch_size: int,
                        progress: Optional[ProgressFn]) -> list[int]:
-    predicted: list[int] = []
-    for start in range(0, len(ids), batch_size):
-        x = pool.inputs(ids[start : start + batch_size]).to(device)
-        predicted.extend(model(x).argmax(dim=1).tolist())
+    """argmax predictions of ``ids`` (for the stratified --samples draw): each rank predicts its block, gathered."""
+    mine = distributed.shard(ids)
+    predicted = []
+    for start in range(0, len(mine), batch_size):
+        x = pool.inputs(mine[start : start + batch_size]).to(device)
+        predicted.append(model(x).argmax(dim=1).cpu())
         if progress is not None:
-            progress("predicting classes", min(start + batch_size, len(ids)), len(ids))
-    return predicted
+            progress("predicting classes", min(start + batch_size, len(mine)), len(mine))
+    return distributed.all_gather_concat(torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.long)
+                                         ).tolist()
+
+
+def _fisher_over(model: torch.nn.Module, pool, ids: list[int], *, batch_size: int, device: torch.device,
+                 progress: Optional[ProgressFn]) -> dict[str, torch.Tensor]:
+    """The Fisher diagonal over ``ids`` (mean over samples, float64 on CPU, per parameter): each rank sums its block
+    of whole batches, the sums are all-reduced (float64), every rank returns the result. Collective."""
+    mine = distributed.shard(ids, align=batch_size)
+    sums = fisher_diagonal(model, lambda positions: pool.inputs([mine[i] for i in positions]), num_samples=len(mine),
+                           batch_size=batch_size, device=device, progress=progress, sums=True)
+    return {name: (distributed.all_reduce_sum(value) / len(ids)).cpu() for name, value in sums.items()}
 
 
 @dataclass
 class FisherSetup:
-    """Everything ``fmask fisher`` checks and derives before any work (shared by the distributed path)."""
+    """Everything ``fmask fisher`` checks and derives before any work."""
 
     checkpoint: object
     pool: object
@@ -400,32 +460,39 @@ def run_fisher(
 ) -> FisherResult:
     """Fisher diagonal over the unlabeled pool (or ``samples`` of it, stratified by predicted class), top-k
     mask written to ``out``, and (``embeddings``) the masked gradient embeddings cached beside it, rows as
-    ``embedding_rows`` says. ``embedding_rows`` and ``m0`` are recorded in the mask for ``fmask query``."""
+    ``embedding_rows`` says. ``embedding_rows`` and ``m0`` are recorded in the mask for ``fmask query``.
+
+    Under a torch.distributed process group (``torchrun``) every rank calls it with the same arguments: the pool is
+    sharded in whole batches over the ranks, each rank computes its shard's Fisher sum and embeddings, the sums are
+    all-reduced and the embeddings gathered, and rank 0 alone locks and writes (the same files as one process: the
+    embeddings bit for bit, the Fisher diagonal up to the order of the final float64 additions). In one process
+    every exchange is the identity."""
     started = time.perf_counter()
     out = Path(out)
+    # Every rank reads the same files, so every rank refuses alike.
     setup = prepare_fisher(ckpt=ckpt, pool_dir=pool_dir, labeled=labeled, sparsity=sparsity, samples=samples,
                            head=head, seed=seed, device=device, embed_dtype=embed_dtype, embeddings=embeddings,
                            batch_size=batch_size, embedding_rows=embedding_rows, m0=m0)
-    check_writable(out)
     checkpoint, pool, model, torch_device = setup.checkpoint, setup.pool, setup.model, setup.device
     unlabeled, labeled_ids, subsample = setup.unlabeled, setup.labeled_ids, setup.subsample
-    batch_size = setup.batch_size
+    # Shards are whole batches, so every rank must batch alike: the smallest batch any rank's memory allows.
+    batch_size = int(distributed.all_gather_concat(torch.tensor([setup.batch_size])).min())
     cache = paths.embeddings_cache(out)
-    with output_lock(out.parent, "fisher", outputs=(out.name, cache.name)):
-        skipped = not force and step_is_current(out, setup.step)
+    # The cache's own writability is checked when (and if) it is written, under the same lock.
+    with step_output(out, command="fisher", step=setup.step, force=force, beside=(cache,), writable=(out,)) as output:
+        skipped = output.current
+        model = model.to(torch_device)
         if not skipped:
-            model = model.to(torch_device)
             chosen = unlabeled
             if subsample is not None:
                 predicted = _predicted_classes(model, pool, unlabeled, torch_device, batch_size, progress)
                 chosen = stratified_subsample(unlabeled, predicted, subsample, seed)
-            fisher = fisher_diagonal(
-                model, lambda positions: pool.inputs([chosen[i] for i in positions]), num_samples=len(chosen),
-                batch_size=batch_size, device=torch_device, progress=progress,
-            )
-            tensors, metadata = mask_artifact(setup, fisher, sparsity=sparsity, head=head, embed_dtype=embed_dtype,
-                                              samples_used=len(chosen))
-            atomic_save_safetensors(out, tensors, metadata)
+            fisher = _fisher_over(model, pool, chosen, batch_size=batch_size, device=torch_device, progress=progress)
+            if output.writes:
+                tensors, metadata = mask_artifact(setup, fisher, sparsity=sparsity, head=head,
+                                                  embed_dtype=embed_dtype, samples_used=len(chosen))
+                atomic_save_safetensors(out, tensors, metadata)
+            distributed.barrier()  # the others read the mask rank 0 just wrote
         mask_file = load_mask(out, checkpoint_hash=checkpoint.hash)
         if embeddings:
             computed = mask_file._embeddings(model, pool, unlabeled, labeled_ids, device=torch_device,

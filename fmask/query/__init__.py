@@ -1,5 +1,12 @@
 """Query strategies. The pure selection functions (tensors in, sample positions out) are exported here, loaded
-on first use so that importing a strategy module stays light."""
+on first use so that importing a strategy module stays light.
+
+Layout: ``base`` (the selection contract), ``registry``, ``step`` (``fmask query``), the shared machinery the
+strategies build on (``fisher_greedy``: the Fisher-greedy engine of fishermask and bait; ``clustering``: distance,
+k-means and k-means++ helpers; ``coverage``: the select of TypiClust and ProbCover; ``uncertainty``: scores from
+predicted probabilities; ``mc_dropout``: the passes and select of BALD and BatchBALD), and ``strategies/``, one
+module per strategy, each importing from those and never from another strategy.
+"""
 
 _EXPORTS = {
     "bald_scores": "fmask.query.strategies.bald",

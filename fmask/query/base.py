@@ -114,6 +114,16 @@ def require_labeled(ctx: QueryContext, strategy: str) -> None:
                          "start with typiclust, probcover, kcenter or random")
 
 
+def check_batch(ctx: QueryContext, batch: int) -> None:
+    """Refuse a batch the candidates cannot fill: the strategy contract promises exactly ``batch`` ids."""
+    if batch > len(ctx.unlabeled_ids):
+        raise FmaskError(
+            f"batch {batch} exceeds the {len(ctx.unlabeled_ids)} unlabeled candidates; lower the batch size"
+        )
+    if batch < 0:
+        raise FmaskError(f"batch must be a non-negative integer, got {batch}; pass a batch size of at least 1")
+
+
 def top_scores(ctx: QueryContext, scores: torch.Tensor, batch: int) -> Selection:
     """Highest ``scores`` first (aligned with ctx.unlabeled_ids); ties go to the lowest sample id."""
     # A stable sort on -score keeps ascending-id order among equal scores.

@@ -8,7 +8,7 @@ from abc import abstractmethod
 import numpy as np
 import torch
 
-from fmask.query.base import QueryContext, Selection, Strategy
+from fmask.query.base import QueryContext, Selection, Strategy, check_batch
 
 
 def candidate_and_labeled_features(ctx: QueryContext) -> tuple[torch.Tensor, np.ndarray]:
@@ -26,10 +26,6 @@ class PoolFeatureStrategy(Strategy):
     cold_start = True
 
     def select(self, ctx: QueryContext, batch: int) -> Selection:
-        # Imported here: a strategy module, which importing first would load (and register) every strategy
-        # while this module is half-initialised.
-        from fmask.query.strategies.kcenter import check_batch
-
         check_batch(ctx, batch)
         features, labeled = candidate_and_labeled_features(ctx)
         positions, scores = self.pick(ctx, features, labeled, batch)

@@ -22,19 +22,29 @@ tr(F M^-1) least until ``batch`` remain (BAIT's oversample-then-prune).
 In float32 a guard watches for drift: each pick's incrementally kept G, H are compared with their exact values
 (free: the update needs them anyway), and A is checked against M on a fixed probe vector (y = M z is tracked
 exactly); past the tolerance the engine recomputes G, H (or rebuilds A from M) and rescores that step.
+
+This is the engine behind the ``fishermask`` and ``bait`` strategies (their shared ``select`` is
+:func:`select_by_fisher_greedy`); they differ only in the embeddings they hand it. One code path serves one process
+and a torch.distributed process group: each rank holds a contiguous block of the candidates (embeddings, G_x, H_x)
+and of the labeled set; A, F, the probe and the picks' rows are replicated. F and the labeled part of M are sums
+over the ranks (all-reduced: equal to one process's up to the order of additions), each step agrees on the best
+(score, lowest global position) with two small all-gathers, the winner's V_x is broadcast from its owner and every
+rank applies the same Woodbury step. In one process every exchange is the identity (fmask.core.distributed).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Literal, Optional
 
 import torch
 
+from fmask.core import distributed
 from fmask.core.device import format_bytes, usable_memory_bytes
 from fmask.core.errors import FmaskError
 from fmask.core.progress import ProgressFn
+from fmask.query.base import GreedyOptions, QueryContext, Selection, greedy_options
 
 FisherMode = Literal["auto", "dense", "factored"]
 M0 = Literal["identity", "fisher"]
@@ -42,6 +52,7 @@ M0_FISHER_RIDGE = 1e-6  # relative to F's mean diagonal; see the module docstrin
 
 _MAX_CHUNK_ROWS = 8192  # rows of chunk x r per matmul: past this, bigger chunks no longer speed anything up
 _PROBE_SEED = 20240503  # fixed so the guard (and so the selection) is reproducible
+DEFAULT_SHRINK_HINT = "a smaller --sparsity (fewer masked parameters)"  # what lowers D, for fishermask
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -121,7 +132,7 @@ def plan_fisher_greedy(
     fisher_on_device: bool = False,
     inputs_on_device: bool = False,
     fisher_mode: FisherMode = "auto",
-    shrink_hint: str = "a smaller --sparsity (fewer masked parameters)",
+    shrink_hint: str = DEFAULT_SHRINK_HINT,
 ) -> FisherGreedyPlan:
     """Pick F's form, the chunk size and residency so the run fits ``memory_limit``; raise FmaskError if none does.
 
@@ -198,92 +209,147 @@ class FisherGreedyResult:
     plan: Optional[FisherGreedyPlan] = None
 
 
-def fisher_greedy(
-    pool: torch.Tensor,
-    batch: int,
-    labeled: Optional[torch.Tensor] = None,
-    lamb: float = 1.0,
-    fisher: Optional[torch.Tensor] = None,
-    *,
-    backward_steps: bool = False,
-    dtype: Optional[torch.dtype] = None,
-    chunk_size: Optional[int] = None,
-    device: Optional[torch.device | str] = None,
-    memory_limit: Optional[int] = None,
-    guard_tol: Optional[float] = None,
-    fisher_mode: FisherMode = "auto",
-    shrink_hint: str = "a smaller --sparsity (fewer masked parameters)",
-    m0: M0 = "identity",
-    progress: Optional[ProgressFn] = None,
-) -> list[int]:
+@dataclass(frozen=True)
+class FisherGreedyOptions:
+    """How :func:`fisher_greedy` runs; every field has a default, so callers name only what they change.
+
+    ``lamb``: the ridge of M_0. ``fisher`` (D, D, symmetric): F; default the unscaled mean V^T V over pool and
+    labeled. ``backward_steps``: pick 2 x batch, then prune. ``dtype``: default float64 for a float64 pool, else
+    float32. ``chunk_size``: candidates per chunk (default: planned). ``device``: default the pool's.
+    ``memory_limit`` (bytes): default :func:`default_memory_limit`. ``guard_tol``: the relative drift the float
+    guard allows (default 10 * sqrt(eps); 0 recomputes everything every step, inf never checks). ``fisher_mode``:
+    F dense, factored (V^T (V .)) or whichever is cheaper (auto; always dense under a process group).
+    ``shrink_hint``: what lowers D for the caller, named in the out-of-memory message. ``m0``: "identity" starts
+    from lamb I (the authors' code), "fisher" from lamb F (the paper's eq. 2). ``progress``: (task, done, total).
+    """
+
+    lamb: float = 1.0
+    fisher: Optional[torch.Tensor] = None
+    backward_steps: bool = False
+    dtype: Optional[torch.dtype] = None
+    chunk_size: Optional[int] = None
+    device: Optional[torch.device | str] = None
+    memory_limit: Optional[int] = None
+    guard_tol: Optional[float] = None
+    fisher_mode: FisherMode = "auto"
+    shrink_hint: str = DEFAULT_SHRINK_HINT
+    m0: M0 = "identity"
+    progress: Optional[ProgressFn] = None
+
+
+def fisher_greedy(pool: torch.Tensor, batch: int, labeled: Optional[torch.Tensor] = None,
+                  options: Optional[FisherGreedyOptions] = None, **fields: Any) -> list[int]:
     """Greedily pick ``batch`` distinct positions of ``pool`` (N, r, D) by the BAIT objective; see the module doc.
 
-    ``labeled`` (L, r, D) enters M_0; ``fisher`` (D, D, symmetric) defaults to the unscaled mean V^T V over pool
-    and labeled.
-    ``dtype`` defaults to float64 for a float64 pool, else float32. ``device`` defaults to the pool's.
-    ``memory_limit`` (bytes) defaults to :func:`default_memory_limit`. ``guard_tol`` is the relative drift the
-    float guard allows (default 10 * sqrt(eps); 0 recomputes everything every step, inf never checks).
-    ``m0``: "identity" starts from lamb I (the authors' code), "fisher" from lamb F (the paper's eq. 2).
-    Returns positions into ``pool`` in selection order.
+    ``labeled`` (L, r, D) enters M_0. ``options`` (or its fields as keywords, e.g. ``lamb=0.5``): see
+    :class:`FisherGreedyOptions`. Returns positions into ``pool`` in selection order.
+
+    Under a torch.distributed process group the call is collective: every rank passes its own block of the
+    candidates and of the labeled set (fmask.core.distributed.shard), and every rank gets the same positions,
+    global ones (into the rank-ordered concatenation of the blocks, i.e. the full pool's order). In one process
+    the block is the whole pool.
     """
-    return fisher_greedy_detailed(
-        pool, batch, labeled, lamb, fisher, backward_steps=backward_steps, dtype=dtype, chunk_size=chunk_size,
-        device=device, memory_limit=memory_limit, guard_tol=guard_tol, fisher_mode=fisher_mode,
-        shrink_hint=shrink_hint, m0=m0, progress=progress,
-    ).positions
+    return fisher_greedy_detailed(pool, batch, labeled, options, **fields).positions
 
 
-def fisher_greedy_detailed(
-    pool: torch.Tensor,
-    batch: int,
-    labeled: Optional[torch.Tensor] = None,
-    lamb: float = 1.0,
-    fisher: Optional[torch.Tensor] = None,
-    *,
-    backward_steps: bool = False,
-    dtype: Optional[torch.dtype] = None,
-    chunk_size: Optional[int] = None,
-    device: Optional[torch.device | str] = None,
-    memory_limit: Optional[int] = None,
-    guard_tol: Optional[float] = None,
-    fisher_mode: FisherMode = "auto",
-    shrink_hint: str = "a smaller --sparsity (fewer masked parameters)",
-    m0: M0 = "identity",
-    progress: Optional[ProgressFn] = None,
-) -> FisherGreedyResult:
+def fisher_greedy_detailed(pool: torch.Tensor, batch: int, labeled: Optional[torch.Tensor] = None,
+                           options: Optional[FisherGreedyOptions] = None, **fields: Any) -> FisherGreedyResult:
     """:func:`fisher_greedy`, also returning each pick's gain, the guard's counters and the memory plan."""
-    _validate(pool, batch, labeled, lamb, fisher)
-    if m0 not in ("identity", "fisher"):
-        raise FmaskError(f"unknown --m0 {m0!r}; use identity or fisher")
-    if m0 == "fisher":
-        if fisher_mode == "factored":
-            raise FmaskError("m0=fisher starts from lamb F and needs F dense; drop fisher_mode='factored'")
-        fisher_mode = "dense"
-    n, r, d = pool.shape
-    if labeled is not None and labeled.shape[0] == 0:
+    opts = replace(options or FisherGreedyOptions(), **fields)  # an unknown field is a TypeError
+    if labeled is not None and labeled.dim() == 3 and labeled.shape[0] == 0:
         labeled = None
-    num_labeled = 0 if labeled is None else labeled.shape[0]
-    device = _normalize_device(pool.device if device is None else device)
-    if dtype is None:
-        dtype = torch.float64 if pool.dtype == torch.float64 else torch.float32
-    if batch == 0:
-        return FisherGreedyResult([], [])
-    forward_count = min(2 * batch, n) if backward_steps else batch
-    steps = forward_count + (forward_count - batch)
+    # Every rank's block shapes first (just this one in one process), so a bad call is refused by every rank
+    # alike and none is left waiting in a collective.
+    shapes = distributed.all_gather_objects((tuple(pool.shape), None if labeled is None else tuple(labeled.shape)))
+    if len({shape[1:] for shape, _ in shapes}) != 1:
+        raise FmaskError(f"the ranks' candidate embeddings differ in shape: {[shape for shape, _ in shapes]}")
+    blocks = _Blocks(counts=[shape[0] for shape, _ in shapes],
+                     num_labeled=sum(shape[0] for _, shape in shapes if shape is not None))
+    _validate(pool, batch, blocks.total, labeled, opts.lamb, opts.fisher)
+    _, r, d = pool.shape
+    device = _normalize_device(pool.device if opts.device is None else opts.device)
+    dtype = opts.dtype or (torch.float64 if pool.dtype == torch.float64 else torch.float32)
     inputs_on_device = pool.device == device and pool.dtype == dtype and (
         labeled is None or (labeled.device == device and labeled.dtype == dtype)
     )
-    plan = plan_fisher_greedy(
-        n, r, d, num_labeled, steps=steps, dtype=dtype, device=device, chunk_size=chunk_size,
-        memory_limit=memory_limit, fisher_given=fisher is not None,
-        fisher_on_device=fisher is not None and fisher.device == device and fisher.dtype == dtype,
-        inputs_on_device=inputs_on_device, fisher_mode=fisher_mode, shrink_hint=shrink_hint,
-    )
-    if guard_tol is None:
-        guard_tol = 10.0 * math.sqrt(torch.finfo(dtype).eps)
+    _fisher_mode(opts)  # an unknown m0 is refused even for an empty batch
+    if batch == 0:
+        return FisherGreedyResult([], [])
+    try:
+        plan, refusal = plan_selection(pool.shape[0], r, d, 0 if labeled is None else labeled.shape[0], batch=batch,
+                                       total_candidates=blocks.total, options=opts, device=device, dtype=dtype,
+                                       inputs_on_device=inputs_on_device), None
+    except FmaskError as exc:
+        plan, refusal = None, str(exc)
+    # A rank whose memory cannot hold its part refuses on every rank (none is left waiting in a collective).
+    refusals = [line for line in distributed.all_gather_objects(refusal) if line]
+    if refusals:
+        raise FmaskError(refusals[0])
+    guard_tol = 10.0 * math.sqrt(torch.finfo(dtype).eps) if opts.guard_tol is None else opts.guard_tol
     with torch.no_grad():  # embeddings may arrive with autograd history; none of this needs it
-        engine = _Engine(pool, labeled, batch, lamb, fisher, plan, dtype, device, guard_tol, progress, m0)
-        return engine.run(forward_count)
+        engine = _Engine(pool, labeled, blocks, batch, opts.lamb, opts.fisher, plan, dtype, device, guard_tol,
+                         opts.progress, opts.m0)
+        return engine.run(_forward_count(batch, blocks.total, opts.backward_steps))
+
+
+# The strategies' select: what bait and fishermask share.
+Embed = Callable[[list[int], list[int], GreedyOptions], tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+def select_by_fisher_greedy(ctx: QueryContext, batch: int, embed: Embed, *, m0: M0 = "identity",
+                            dtype: Optional[torch.dtype] = None, shrink_hint: str = DEFAULT_SHRINK_HINT) -> Selection:
+    """Pick ``batch`` of ``ctx.unlabeled_ids`` with the engine, its options read from ``ctx.options`` (lamb,
+    float64, backward_steps, chunk_size, memory_limit; ``dtype`` overrides float64).
+
+    ``embed(candidates, labeled, options)`` gives this rank's embeddings (all of them in one process): its block of
+    the candidates (n, r, D) and of the labeled samples (l, r, D, or None), blocks as fmask.core.distributed.shard
+    cuts them. The strategies differ in ``embed`` alone.
+    """
+    options = greedy_options(ctx.options)
+    if dtype is not None:
+        options = options._replace(dtype=dtype)
+    candidates, labeled = list(ctx.unlabeled_ids), list(ctx.labeled_ids)
+    pool, labeled_rows = embed(candidates, labeled, options)
+    result = fisher_greedy_detailed(
+        pool, batch, labeled_rows, lamb=options.lamb, backward_steps=options.backward_steps, dtype=options.dtype,
+        chunk_size=options.chunk_size, device=ctx.device, memory_limit=options.memory_limit, m0=m0,
+        shrink_hint=shrink_hint, progress=ctx.progress,
+    )
+    return Selection(ids=[candidates[p] for p in result.positions], scores=result.gains)
+
+
+def _forward_count(batch: int, total_candidates: int, backward_steps: bool) -> int:
+    """Picks made forward: ``batch``, or 2 x batch (at most every candidate) to prune back with backward steps."""
+    return min(2 * batch, total_candidates) if backward_steps else batch
+
+
+def plan_selection(num_candidates: int, rank: int, dim: int, num_labeled: int, *, batch: int, total_candidates: int,
+                   options: FisherGreedyOptions, device: torch.device | str, dtype: torch.dtype,
+                   inputs_on_device: bool) -> FisherGreedyPlan:
+    """The memory plan the engine makes for this rank's part of a selection (``num_candidates`` and
+    ``num_labeled`` rows of rank x dim; ``total_candidates`` over every rank), so a caller can fail before building
+    any embedding."""
+    forward_count = _forward_count(batch, total_candidates, options.backward_steps)
+    fisher, device = options.fisher, _normalize_device(device)
+    return plan_fisher_greedy(
+        num_candidates, rank, dim, num_labeled, steps=2 * forward_count - batch, dtype=dtype, device=device,
+        chunk_size=options.chunk_size, memory_limit=options.memory_limit, fisher_given=fisher is not None,
+        fisher_on_device=fisher is not None and fisher.device == device and fisher.dtype == dtype,
+        inputs_on_device=inputs_on_device, fisher_mode=_fisher_mode(options), shrink_hint=options.shrink_hint,
+    )
+
+
+def _fisher_mode(options: FisherGreedyOptions) -> FisherMode:
+    """F's form as asked, dense where m0=fisher or a process group needs it; refuses what cannot run."""
+    if options.m0 not in ("identity", "fisher"):
+        raise FmaskError(f"unknown --m0 {options.m0!r}; use identity or fisher")
+    if options.m0 == "fisher":
+        if options.fisher_mode == "factored":
+            raise FmaskError("m0=fisher starts from lamb F and needs F dense; drop fisher_mode='factored'")
+        return "dense"
+    if distributed.is_distributed():
+        return "dense"  # applying F as V^T (V .) would need every rank's embeddings at every step
+    return options.fisher_mode
 
 
 def _normalize_device(device: torch.device | str) -> torch.device:
@@ -294,17 +360,17 @@ def _normalize_device(device: torch.device | str) -> torch.device:
     return device
 
 
-def _validate(
-    pool: torch.Tensor, batch: int, labeled: Optional[torch.Tensor], lamb: float, fisher: Optional[torch.Tensor]
-) -> None:
+def _validate(pool: torch.Tensor, batch: int, total: int, labeled: Optional[torch.Tensor], lamb: float,
+              fisher: Optional[torch.Tensor]) -> None:
+    """``total``: the candidates of every rank (``pool``'s in one process)."""
     if pool.dim() != 3 or not pool.is_floating_point():
         raise FmaskError(f"candidate embeddings must be a float tensor (N, r, D); got {tuple(pool.shape)} "
                          f"{pool.dtype}")
-    n, r, d = pool.shape
+    _, r, d = pool.shape
     if r < 1 or d < 1:
         raise FmaskError(f"candidate embeddings {tuple(pool.shape)} are empty; every candidate needs r, D >= 1")
-    if not 0 <= batch <= n:
-        raise FmaskError(f"cannot select {batch} of {n} candidates; ask for between 0 and {n}")
+    if not 0 <= batch <= total:
+        raise FmaskError(f"cannot select {batch} of {total} candidates; ask for between 0 and {total}")
     if labeled is not None and (labeled.dim() != 3 or tuple(labeled.shape[1:]) != (r, d)):
         raise FmaskError(f"labeled embeddings {tuple(labeled.shape)} do not match the candidates' (L, {r}, {d})")
     if fisher is not None and tuple(fisher.shape) != (d, d):
@@ -376,11 +442,34 @@ def _relative_gap(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return gap / scale if scale > 0 else gap
 
 
+@dataclass(frozen=True)
+class _Blocks:
+    """How the candidates are split over the ranks: rank i holds global positions [sum(counts[:i]),
+    sum(counts[:i+1])). One process: a single block of them all."""
+
+    counts: list[int]
+    num_labeled: int  # over every rank
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
 class _Engine:
+    """The greedy state over this rank's block of candidates (every candidate in one process).
+
+    Each rank keeps its candidates' embeddings and r x r matrices G_x, H_x; replicated on every rank are
+    A = M^-1, F, the guard's probe and the rows of the picks. Sums over every rank's embeddings (F, the labeled
+    part of M) go through the communicator, and each step agrees on the best (score, lowest global position) and
+    broadcasts the winner's row from its owner; in one process every exchange is the identity, so the arithmetic is
+    exactly the single-process one.
+    """
+
     def __init__(
         self,
         pool: torch.Tensor,
         labeled: Optional[torch.Tensor],
+        blocks: _Blocks,
         batch: int,
         lamb: float,
         fisher: Optional[torch.Tensor],
@@ -398,12 +487,15 @@ class _Engine:
         self.pool = _Embeddings(pool, dtype, device, plan.resident)
         self.labeled = None if labeled is None else _Embeddings(labeled, dtype, device, plan.resident)
         self.n, self.r, self.d = pool.shape
-        self.num_labeled = 0 if labeled is None else labeled.shape[0]
+        self.owners_end = torch.tensor(blocks.counts).cumsum(0)
+        self.offset = sum(blocks.counts[: distributed.rank()])  # this rank's first global position
+        self.total_candidates, self.num_labeled = blocks.total, blocks.num_labeled
         # The authors' weighting: candidates scaled by sqrt(K / (L + K)), the labeled Fisher by L / (L + K).
         self.scale = math.sqrt(batch / (self.num_labeled + batch))
         self.labeled_weight = 1.0 / (self.num_labeled + batch)  # (L / (L + K)) * mean = sum / (L + K)
         self.eye_r = torch.eye(self.r, dtype=dtype, device=device)
-        self.current: list[int] = []  # positions whose V^T V is in M right now
+        self.current: list[int] = []  # global positions whose V^T V is in M right now
+        self.shared: dict[int, Optional[torch.Tensor]] = {}  # picks' rows received from other ranks (None: ours)
         self.refreshes = self.rebuilds = 0
         self.fisher = self._fisher_operator(fisher)
         self.ridge = M0_FISHER_RIDGE * float(self.fisher.dense.diagonal().sum()) / self.d if m0 == "fisher" else 0.0
@@ -416,7 +508,8 @@ class _Engine:
         self.G = torch.empty(self.n, self.r, self.r, dtype=dtype, device=device)
         self.H = torch.empty_like(self.G)
         self._recompute_state(task="fisher-greedy: initial scores")
-        if not (torch.isfinite(self.G).all() and torch.isfinite(self.H).all()):
+        bad = torch.tensor([0.0 if bool(torch.isfinite(self.G).all() and torch.isfinite(self.H).all()) else 1.0])
+        if float(distributed.all_reduce_sum(bad)) > 0:
             raise FmaskError("the embeddings contain NaN or inf values; check the model checkpoint and its inputs")
 
     # -- setup ---------------------------------------------------------------------------------------------------
@@ -431,26 +524,37 @@ class _Engine:
         if not self.plan.dense_fisher:
             return _FisherOperator(self._parts(), None, chunk)
         dense = torch.zeros(self.d, self.d, dtype=self.dtype, device=self.device)
-        total = self.n + self.num_labeled
+        local_total = sum(part.n for part in self._parts())
         done = 0
         for part in self._parts():
             for start, stop, block in part.chunks(chunk):
                 flat = block.reshape(-1, self.d)
                 dense.addmm_(flat.T, flat)
                 done += stop - start
-                self._report("fisher-greedy: pool Fisher", done, total)
-        dense /= total  # symmetric up to rounding; every G, H built from it is symmetrized
+                self._report("fisher-greedy: pool Fisher", done, local_total)
+        distributed.all_reduce_sum(dense)
+        dense /= self.total_candidates + self.num_labeled  # symmetric up to rounding; G, H built from it are symmetrized
         return _FisherOperator(self._parts(), dense, chunk)
 
     def _initial_inverse(self) -> torch.Tensor:
-        if self.labeled is None and self.m0 == "identity":
+        if self.num_labeled == 0 and self.m0 == "identity":
             self.a_is_scaled_identity = True  # lets the first pass skip V A: A is I / lamb
             return torch.eye(self.d, dtype=self.dtype, device=self.device) / self.lamb
         return self._invert_m()
 
+    def _picked_chunks(self):
+        """The current picks' rows, ``chunk_size`` picks at a time, flattened to (rows, D)."""
+        for start in range(0, len(self.current), self.plan.chunk_size):
+            yield torch.stack([self._row(p) for p in self.current[start : start + self.plan.chunk_size]]
+                              ).reshape(-1, self.d)
+
     def _build_m(self) -> torch.Tensor:
-        """M = lamb I (or lamb F) + sum_l V_l^T V_l / (L + K) + scale^2 sum_{j current} V_j^T V_j, densely."""
-        if self.m0 == "fisher":
+        """M = lamb I (or lamb F) + sum_l V_l^T V_l / (L + K) + scale^2 sum_{j current} V_j^T V_j, densely.
+
+        The first two terms are summed over the ranks (rank 0 brings the lamb term, each rank its labeled rows)."""
+        if not distributed.is_main():
+            m = torch.zeros(self.d, self.d, dtype=self.dtype, device=self.device)
+        elif self.m0 == "fisher":
             m = self.fisher.dense * self.lamb  # a new tensor: F itself is left alone
             m.diagonal().add_(self.lamb * self.ridge)
         else:
@@ -459,8 +563,8 @@ class _Engine:
             for _, _, block in self.labeled.chunks(self.plan.chunk_size):
                 flat = block.reshape(-1, self.d)
                 m.addmm_(flat.T, flat, alpha=self.labeled_weight)
-        for start in range(0, len(self.current), self.plan.chunk_size):
-            flat = self.pool.rows(self.current[start : start + self.plan.chunk_size]).reshape(-1, self.d)
+        distributed.all_reduce_sum(m)
+        for flat in self._picked_chunks():
             m.addmm_(flat.T, flat, alpha=self.scale**2)
         return m  # the Cholesky factorization reads only its lower triangle
 
@@ -472,14 +576,17 @@ class _Engine:
         return torch.cholesky_inverse(factor)
 
     def _apply_m(self, x: torch.Tensor) -> torch.Tensor:
-        """M @ x without forming M (for the probe that checks A)."""
-        out = self.lamb * (self.fisher.dense @ x + self.ridge * x if self.m0 == "fisher" else x)
+        """M @ x without forming M (for the probe that checks A); summed over the ranks like :meth:`_build_m`."""
+        if not distributed.is_main():
+            out = torch.zeros_like(x)
+        else:
+            out = self.lamb * (self.fisher.dense @ x + self.ridge * x if self.m0 == "fisher" else x)
         if self.labeled is not None:
             for _, _, block in self.labeled.chunks(self.plan.chunk_size):
                 flat = block.reshape(-1, self.d)
                 out = out + self.labeled_weight * (flat.T @ (flat @ x))
-        for start in range(0, len(self.current), self.plan.chunk_size):
-            flat = self.pool.rows(self.current[start : start + self.plan.chunk_size]).reshape(-1, self.d)
+        distributed.all_reduce_sum(out)
+        for flat in self._picked_chunks():
             out = out + self.scale**2 * (flat.T @ (flat @ x))
         return out
 
@@ -487,7 +594,7 @@ class _Engine:
         return float(torch.linalg.vector_norm(self.A @ self.y - self.z) / torch.linalg.vector_norm(self.z))
 
     def _recompute_state(self, task: Optional[str] = None) -> None:
-        """G_x and H_x of every candidate, from the current A."""
+        """G_x and H_x of every candidate of this rank, from the current A."""
         s2 = self.scale**2
         for start, stop, block in self.pool.chunks(self.plan.chunk_size):
             if self.a_is_scaled_identity:
@@ -502,6 +609,26 @@ class _Engine:
     def _report(self, task: str, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(task, done, total)
+
+    # -- where a candidate lives -----------------------------------------------------------------------------------
+
+    def _owner(self, position: int) -> int:
+        return int(self.owners_end.gt(position).nonzero()[0])
+
+    def _owns(self, position: int) -> bool:
+        return self.offset <= position < self.offset + self.n
+
+    def _row(self, position: int) -> torch.Tensor:
+        """V_x (r, D) of a global position on every rank: its owner's row, broadcast the first time it is asked
+        for (every rank asks for the same positions in the same order: the picks)."""
+        if position in self.shared:
+            received = self.shared[position]
+            return received if received is not None else self.pool.rows([position - self.offset])[0]
+        mine = self.pool.rows([position - self.offset])[0] if self._owns(position) else None
+        row = distributed.broadcast_tensor(mine, self._owner(position), shape=(self.r, self.d), dtype=self.dtype,
+                                           device=self.device)
+        self.shared[position] = None if self._owns(position) else row  # the owner reads its own rows again
+        return row
 
     # -- the guard -----------------------------------------------------------------------------------------------
 
@@ -531,28 +658,39 @@ class _Engine:
     # -- steps ---------------------------------------------------------------------------------------------------
 
     def _forward_gains(self) -> torch.Tensor:
-        """tr(H_x (I + G_x)^-1): how much adding x lowers tr(F M^-1)."""
+        """tr(H_x (I + G_x)^-1) for this rank's candidates: how much adding x lowers tr(F M^-1)."""
+        if self.n == 0:
+            return torch.empty(0, dtype=self.dtype, device=self.device)
         solved, info = torch.linalg.solve_ex(self.eye_r + self.G, self.H)
         gains = solved.diagonal(dim1=-2, dim2=-1).sum(-1)
         return torch.where(info == 0, gains, torch.full_like(gains, float("nan")))
 
     def _removal_costs(self, positions: list[int]) -> torch.Tensor:
-        """tr(H_x (I - G_x)^-1) for x in ``positions``: how much removing x raises tr(F M^-1)."""
-        solved, info = torch.linalg.solve_ex(self.eye_r - self.G[positions], self.H[positions])
+        """tr(H_x (I - G_x)^-1) for x in ``positions`` (global, this rank's): how much removing x raises tr(F M^-1)."""
+        if not positions:
+            return torch.empty(0, dtype=self.dtype, device=self.device)
+        local = [p - self.offset for p in positions]
+        solved, info = torch.linalg.solve_ex(self.eye_r - self.G[local], self.H[local])
         costs = solved.diagonal(dim1=-2, dim2=-1).sum(-1)
         return torch.where(info == 0, costs, torch.full_like(costs, float("nan")))
 
     def _candidate_terms(self, position: int):
         """The exact terms of one candidate from the current A, kept as rows (r, D) because the wide products are
         the faster GEMMs: v, u = v A (= U^T, A symmetric), u F, G = v A v^T and H = v A F A v^T."""
-        v = self.scale * self.pool.rows([position])[0]
+        v = self.scale * self._row(position)
         u = v @ self.A
         fu = self.fisher.apply_rows(u)
         return v, u, fu, _symmetrize(v @ u.T), _symmetrize(u @ fu.T)
 
     def _drifted(self, position: int, g_exact: torch.Tensor, h_exact: torch.Tensor) -> bool:
-        gap = max(_relative_gap(self.G[position], g_exact), _relative_gap(self.H[position], h_exact))
-        return not gap <= self.guard_tol  # a NaN gap counts as drift
+        """Whether the kept G_x, H_x left their exact values; decided by the owner (which holds them)."""
+        verdict = None
+        if self._owns(position):
+            local = position - self.offset
+            gap = max(_relative_gap(self.G[local], g_exact), _relative_gap(self.H[local], h_exact))
+            verdict = torch.tensor([0.0 if gap <= self.guard_tol else 1.0], dtype=torch.float64)  # NaN: drift
+        return bool(distributed.broadcast_tensor(verdict, self._owner(position), shape=(1,), dtype=torch.float64,
+                                                 device=torch.device("cpu"))[0] > 0)
 
     def _commit(self, sign: int, position: int, terms) -> bool:
         """M <- M + sign v^T v: move A, every G_x, H_x and the probe by the rank-r Woodbury step.
@@ -596,6 +734,7 @@ class _Engine:
 
         Drift in the kept G, H recomputes them and chooses again; a failed commit or non-finite scores rebuild A
         from M first. After one full rebuild a second failure means the problem itself is too ill-conditioned.
+        Every rank takes the same branches: they all see the same choice, verdict and (replicated) A.
         """
         guard_on = self.guard_tol != math.inf
         refreshed = guard_on and self._check_inverse()
@@ -618,35 +757,55 @@ class _Engine:
             self._rebuild_inverse()
             refreshed = rebuilt = True
 
+    def _agree_on_best(self, values: torch.Tensor, scores: torch.Tensor, nonfinite: bool,
+                       positions: list[int]) -> Optional[tuple[int, float]]:
+        """(position, score) of the largest of every rank's ``values`` (aligned with this rank's global
+        ``positions``, ascending); values within a few ulps of the best count as tied and the lowest position wins.
+        None when some rank has a non-finite score. Two small all-gathers (none in one process)."""
+        local_best = float(values.max()) if len(values) else -math.inf
+        stats = distributed.all_gather_concat(torch.tensor([[local_best, 1.0 if nonfinite else 0.0]],
+                                                           dtype=torch.float64))
+        if bool((stats[:, 1] > 0).any()):
+            return None
+        best = torch.tensor(float(stats[:, 0].max()), dtype=self.dtype)
+        threshold = (best - 32 * torch.finfo(self.dtype).eps * best.abs()).to(values.device)
+        offer = [math.inf, 0.0]
+        qualifying = torch.nonzero(values >= threshold) if len(values) else []
+        if len(qualifying):
+            index = int(qualifying[0])
+            offer = [float(positions[index]), float(scores[index])]
+        offers = distributed.all_gather_concat(torch.tensor([offer], dtype=torch.float64))
+        winner = int(torch.argmin(offers[:, 0]))
+        return int(offers[winner, 0]), float(offers[winner, 1])
+
     def _choose_add(self, chosen: torch.Tensor):
+        mine = list(range(self.offset, self.offset + self.n))
+
         def choose() -> Optional[tuple[int, float]]:
             gains = self._forward_gains()
-            if not torch.isfinite(gains[~chosen]).all():
-                return None
-            position = _first_best(torch.where(chosen, torch.full_like(gains, -math.inf), gains), self.dtype)
-            return position, float(gains[position])
+            nonfinite = not bool(torch.isfinite(gains[~chosen]).all())
+            values = torch.where(chosen, torch.full_like(gains, -math.inf), gains)
+            return self._agree_on_best(values, gains, nonfinite, mine)
 
         return choose
 
     def _choose_removal(self):
         def choose() -> Optional[tuple[int, float]]:
-            ordered = sorted(self.current)  # ties go to the lowest position
-            costs = self._removal_costs(ordered)
-            if not torch.isfinite(costs).all():
-                return None
-            index = _first_best(-costs, self.dtype)
-            return ordered[index], float(costs[index])
+            mine = sorted(p for p in self.current if self._owns(p))  # ties go to the lowest position
+            costs = self._removal_costs(mine)
+            return self._agree_on_best(-costs, costs, not bool(torch.isfinite(costs).all()), mine)
 
         return choose
 
     def run(self, forward_count: int) -> FisherGreedyResult:
-        chosen = torch.zeros(self.n, dtype=torch.bool, device=self.device)
+        chosen = torch.zeros(self.n, dtype=torch.bool, device=self.device)  # this rank's picked candidates
         order: list[int] = []
         gains: dict[int, float] = {}
         choose_add = self._choose_add(chosen)
         for step in range(forward_count):
             position, gain = self._step(+1, choose_add)
-            chosen[position] = True
+            if self._owns(position):
+                chosen[position - self.offset] = True
             order.append(position)
             gains[position] = gain
             self._report("fisher-greedy: forward selection", step + 1, forward_count)
@@ -659,10 +818,3 @@ class _Engine:
             positions=order, gains=[gains[p] for p in order], refreshes=self.refreshes, rebuilds=self.rebuilds,
             plan=self.plan,
         )
-
-
-def _first_best(values: torch.Tensor, dtype: torch.dtype) -> int:
-    """Index of the largest value; values within a few ulps of it count as tied and the lowest index wins."""
-    best = values.max()
-    tolerance = 32 * torch.finfo(dtype).eps * best.abs()
-    return int(torch.nonzero(values >= best - tolerance)[0])

@@ -11,12 +11,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from fmask.core import distributed
 from fmask.core.device import resolve_device
 from fmask.core.errors import FmaskError
 from fmask.core.labeled import LabeledSet
 from fmask.core.progress import ProgressFn
 from fmask.fisher.step import EMBED_DTYPES, MaskFile, check_embedding_memory, load_mask
-from fmask.fisher.grads import masked_embeddings
+from fmask.fisher.grads import DEFAULT_BATCH_SIZE, masked_embeddings
 from fmask.pool.pool import Pool, load_pool
 from fmask.pool.tensor import TensorPool
 from fmask.query.base import QueryContext, Selection
@@ -32,8 +33,14 @@ class InMemoryMask(MaskFile):
 
     def embeddings(self, model: nn.Module, pool: Any, unlabeled_ids: Sequence[int], labeled_ids: Sequence[int], *,
                    device: Optional[torch.device] = None, dtype: Optional[str] = None, rows: Optional[str] = None,
-                   batch_size: Optional[int] = None, progress: Optional[ProgressFn] = None
+                   batch_size: Optional[int] = None, progress: Optional[ProgressFn] = None, block: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`MaskFile.embeddings` (``block``: this rank's block of each set under a process group, all of
+        them in one process), computed here."""
+        if block:
+            align = batch_size or DEFAULT_BATCH_SIZE
+            unlabeled_ids = distributed.shard(list(unlabeled_ids), align=align)
+            labeled_ids = distributed.shard(list(labeled_ids), align=align)
         dtype = dtype or self.metadata.get("embed_dtype", "float32")
         if dtype not in EMBED_DTYPES:
             raise FmaskError(f"unknown embedding dtype {dtype!r}; use one of: {', '.join(EMBED_DTYPES)}")

@@ -17,12 +17,28 @@ import torch
 from torch import nn
 
 from fmask.core.errors import FmaskError
-from fmask.query.base import QueryContext, Selection, Strategy, read_option, require_labeled
+from fmask.query.base import QueryContext, Selection, Strategy, check_batch, read_option, require_labeled
 from fmask.core.progress import ProgressFn
 from fmask.train.models import head_dropout_rate
 
 DEFAULT_MC_SAMPLES = 20
 DEFAULT_CHUNK_ROWS = 1024
+ROWS_PER_CHUNK = 8192  # entropies: bounds the float64 copies to 8192 × S × C
+
+
+def entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
+    """−Σ_c p log p over the last axis, from log p (0 · log 0 counts as 0)."""
+    finite = log_probs.clamp(min=torch.finfo(log_probs.dtype).min)  # -inf would give 0 · -inf = NaN
+    return -(finite.exp() * finite).sum(dim=-1)
+
+
+def expected_entropies(log_probs: torch.Tensor) -> torch.Tensor:
+    """mean_s H[p_s(y | x)] for every candidate of ``log_probs`` (N, S, C): float64, (N,)."""
+    out = torch.empty(log_probs.shape[0], dtype=torch.float64, device=log_probs.device)
+    for start in range(0, log_probs.shape[0], ROWS_PER_CHUNK):
+        out[start:start + ROWS_PER_CHUNK] = entropy_from_log_probs(
+            log_probs[start:start + ROWS_PER_CHUNK].double()).mean(dim=1)
+    return out
 
 
 @torch.no_grad()
@@ -84,8 +100,6 @@ class McDropoutStrategy(Strategy):
 
     def select(self, ctx: QueryContext, batch: int) -> Selection:
         require_labeled(ctx, self.name)
-        from fmask.query.strategies.kcenter import check_batch  # here: see fmask.query.coverage
-
         check_batch(ctx, batch)
         settings = self.settings(ctx)  # options are refused before the passes run
         return self.pick(ctx, candidate_log_probs(ctx, self.name), batch, **settings)

@@ -22,15 +22,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from fmask.query.base import QueryContext, Selection, Strategy
 from fmask.core.progress import ProgressFn
+from fmask.query.base import QueryContext, Selection, Strategy, check_batch
+from fmask.query.clustering import DEFAULT_CHUNK_SIZE, chunked_sq_norms, distance_options, kmeans_plus_plus
 from fmask.query.registry import register_strategy
-from fmask.query.strategies.kcenter import (
-    DEFAULT_CHUNK_SIZE,
-    check_batch,
-    chunk_size_option,
-    chunked_sq_norms,
-)
 
 Device = Union[torch.device, str, None]
 
@@ -79,21 +74,6 @@ def gradient_embedding_sq_distances(
     return out.clamp_(min=0.0)
 
 
-def sample_proportional(weights: torch.Tensor, generator: torch.Generator) -> int:
-    """Draw a position with probability proportional to ``weights`` (non-negative, positive sum).
-
-    Inverse-CDF sampling with one float64 uniform from ``generator``, so equal weights and an equally
-    seeded generator always give the same position; zero-weight positions are never drawn.
-    """
-    cumulative = torch.cumsum(weights.double(), dim=0)
-    uniform = torch.rand((), generator=generator, dtype=torch.float64).item()
-    threshold = torch.tensor([uniform * cumulative[-1].item()], dtype=torch.float64, device=weights.device)
-    pick = int(torch.searchsorted(cumulative, threshold, right=True).item())
-    if pick >= weights.shape[0]:  # u·total rounded up to total: take the last position with weight
-        pick = int(torch.nonzero(weights > 0).max().item())
-    return pick
-
-
 def badge_select(
     probs: torch.Tensor,
     features: torch.Tensor,
@@ -123,30 +103,11 @@ def badge_select(
     residuals = gradient_embedding_residuals(probs.to(target))
     sq_norms = gradient_embedding_sq_norms(residuals, features, chunk_size=chunk_size)
 
-    first = int(torch.argmax(sq_norms).item())  # the first maximum on ties
-    positions, distances = [first], [float(sq_norms[first].sqrt().item())]
-    taken = torch.zeros(n, dtype=torch.bool, device=target)
-    taken[first] = True
-    nearest = torch.full((n,), float("inf"), dtype=torch.float64, device=target)
-    if progress is not None:
-        progress("BADGE k-means++", 1, batch)
-    for step in range(1, batch):
-        to_last = gradient_embedding_sq_distances(
-            residuals, features, [positions[-1]], sq_norms=sq_norms, chunk_size=chunk_size
-        )[:, 0]
-        torch.minimum(nearest, to_last, out=nearest)
-        # Chosen centers get weight exactly zero (rounding could leave them a tiny positive distance).
-        nearest.masked_fill_(taken, 0.0)
-        if nearest.sum().item() > 0.0:
-            pick = sample_proportional(nearest, generator)
-        else:
-            pick = int(torch.nonzero(~taken)[0].item())
-        positions.append(pick)
-        distances.append(float(nearest[pick].sqrt().item()))
-        taken[pick] = True
-        if progress is not None:
-            progress("BADGE k-means++", step + 1, batch)
-    return positions, distances
+    def to(center: int) -> torch.Tensor:
+        return gradient_embedding_sq_distances(residuals, features, [center], sq_norms=sq_norms,
+                                               chunk_size=chunk_size)[:, 0]
+
+    return kmeans_plus_plus(sq_norms, to, batch, generator=generator, progress=progress, task="BADGE k-means++")
 
 
 @register_strategy("badge")
@@ -155,13 +116,6 @@ class BadgeStrategy(Strategy):
 
     def select(self, ctx: QueryContext, batch: int) -> Selection:
         check_batch(ctx, batch)
-        positions, distances = badge_select(
-            ctx.probs(),
-            ctx.features(ctx.unlabeled_ids),
-            batch,
-            generator=ctx.generator(),
-            chunk_size=chunk_size_option(ctx),
-            device=ctx.device,
-            progress=ctx.progress,
-        )
+        positions, distances = badge_select(ctx.probs(), ctx.features(ctx.unlabeled_ids), batch,
+                                            **distance_options(ctx))
         return Selection(ids=[ctx.unlabeled_ids[i] for i in positions], scores=distances)

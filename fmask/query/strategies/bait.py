@@ -11,14 +11,13 @@ prune), "chunk_size" (int or None), "memory_limit" (bytes or None).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from fmask.core import distributed
 from fmask.core.errors import FmaskError
-from fmask.query.base import QueryContext, Selection, Strategy, greedy_options
-from fmask.query.fisher_greedy import default_memory_limit, fisher_greedy_detailed, plan_fisher_greedy
+from fmask.query.base import GreedyOptions, QueryContext, Selection, Strategy
+from fmask.query.fisher_greedy import (FisherGreedyOptions, default_memory_limit, plan_selection,
+                                       select_by_fisher_greedy)
 from fmask.query.registry import register_strategy
 
 _SHRINK_HINT = "the fishermask strategy with a small --sparsity (BAIT's D = classes x embedding width is fixed)"
@@ -42,52 +41,35 @@ def bait_embeddings(probs: torch.Tensor, features: torch.Tensor) -> torch.Tensor
 @register_strategy("bait")
 class BaitStrategy(Strategy):
     def select(self, ctx: QueryContext, batch: int) -> Selection:
-        lamb, dtype, backward_steps, chunk_size, memory_limit = greedy_options(ctx.options)
+        def embed(candidates: list[int], labeled: list[int], options: GreedyOptions):
+            # Blocks of whole forward batches (everything in one process): each rank's batches are the ones a
+            # single process would run.
+            mine = distributed.shard(candidates, align=ctx.batch_size)
+            mine_labeled = distributed.shard(labeled, align=ctx.batch_size)
+            self._check_fits(ctx, batch, len(candidates), len(mine), len(mine_labeled), options)
+            pool = self._embeddings(ctx, mine, options.dtype)
+            return pool, self._embeddings(ctx, mine_labeled, options.dtype) if mine_labeled else None
 
-        candidates, labeled = list(ctx.unlabeled_ids), list(ctx.labeled_ids)
-        if distributed.is_distributed():
-            return self._select_sharded(ctx, batch, candidates, labeled, lamb=lamb, dtype=dtype,
-                                        backward_steps=backward_steps, chunk_size=chunk_size,
-                                        memory_limit=memory_limit)
+        return select_by_fisher_greedy(ctx, batch, embed, shrink_hint=_SHRINK_HINT)
+
+    @staticmethod
+    def _check_fits(ctx: QueryContext, batch: int, total: int, candidates: int, labeled: int,
+                    options: GreedyOptions) -> None:
+        """Fail on shapes before any forward pass or embedding is built (this rank's block of each set)."""
         num_classes, width = ctx.model.head.out_features, ctx.model.head.in_features
         rank, dim = num_classes, num_classes * width
-        # Fail on shapes before any forward pass or embedding is built.
-        host_bytes = (len(candidates) + len(labeled)) * rank * dim * torch.empty(0, dtype=dtype).element_size()
+        host_bytes = (candidates + labeled) * rank * dim * torch.empty(0, dtype=options.dtype).element_size()
         if host_bytes > default_memory_limit("cpu"):
             raise FmaskError(
-                f"BAIT's embeddings for {len(candidates) + len(labeled)} samples need {host_bytes / 2**30:.1f} GiB "
+                f"BAIT's embeddings for {candidates + labeled} samples need {host_bytes / 2**30:.1f} GiB "
                 f"of RAM (D = {num_classes} classes x {width} features); use {_SHRINK_HINT}"
             )
-        forward_count = min(2 * batch, len(candidates)) if backward_steps else batch
-        if 0 <= batch <= len(candidates):
-            plan_fisher_greedy(
-                len(candidates), rank, dim, len(labeled), steps=2 * forward_count - batch, dtype=dtype,
-                device=ctx.device, chunk_size=chunk_size, memory_limit=memory_limit, shrink_hint=_SHRINK_HINT,
-                inputs_on_device=torch.device(ctx.device).type == "cpu",  # the embeddings are built on the CPU
-            )
-
-        pool = self._embeddings(ctx, candidates, dtype)
-        labeled_embeddings = self._embeddings(ctx, labeled, dtype) if labeled else None
-        result = fisher_greedy_detailed(
-            pool, batch, labeled_embeddings, lamb=lamb, backward_steps=backward_steps, dtype=dtype,
-            chunk_size=chunk_size, device=ctx.device, memory_limit=memory_limit, shrink_hint=_SHRINK_HINT,
-            progress=ctx.progress,
-        )
-        return Selection(ids=[candidates[p] for p in result.positions], scores=result.gains)
-
-    def _select_sharded(self, ctx: QueryContext, batch: int, candidates: list[int], labeled: list[int],
-                        **engine: Any) -> Selection:
-        """Under torchrun: each rank forwards and embeds only its block of candidates and labeled samples."""
-        from fmask.query.fisher_greedy_dist import fisher_greedy_distributed
-
-        dtype = engine["dtype"]
-        # Blocks of whole forward batches: each rank's batches are the ones a single process would run.
-        pool = self._embeddings(ctx, distributed.shard(candidates, align=ctx.batch_size), dtype)
-        local_labeled = distributed.shard(labeled, align=ctx.batch_size)
-        labeled_embeddings = self._embeddings(ctx, local_labeled, dtype) if local_labeled else None
-        result = fisher_greedy_distributed(pool, batch, labeled_embeddings, device=ctx.device,
-                                           shrink_hint=_SHRINK_HINT, progress=ctx.progress, **engine)
-        return Selection(ids=[candidates[p] for p in result.positions], scores=result.gains)
+        if 0 <= batch <= total:
+            engine = FisherGreedyOptions(backward_steps=options.backward_steps, chunk_size=options.chunk_size,
+                                         memory_limit=options.memory_limit, shrink_hint=_SHRINK_HINT)
+            plan_selection(candidates, rank, dim, labeled, batch=batch, total_candidates=total, options=engine,
+                           device=ctx.device, dtype=options.dtype,
+                           inputs_on_device=torch.device(ctx.device).type == "cpu")  # embeddings are built on the CPU
 
     @staticmethod
     def _embeddings(ctx: QueryContext, ids: list[int], dtype: torch.dtype) -> torch.Tensor:

@@ -12,26 +12,8 @@ import math
 import torch
 
 from fmask.query.base import QueryContext, Selection, top_scores
-from fmask.query.mc_dropout import McDropoutStrategy
+from fmask.query.mc_dropout import ROWS_PER_CHUNK, McDropoutStrategy, entropy_from_log_probs
 from fmask.query.registry import register_strategy
-
-ROWS_PER_CHUNK = 8192  # bounds the float64 copies to 8192 × S × C
-
-
-def _entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
-    """−Σ_c p log p over the last axis, from log p (0 · log 0 counts as 0)."""
-    finite = log_probs.clamp(min=torch.finfo(log_probs.dtype).min)  # -inf would give 0 · -inf = NaN
-    return -(finite.exp() * finite).sum(dim=-1)
-
-
-def expected_entropies(log_probs: torch.Tensor) -> torch.Tensor:
-    """mean_s H[p_s(y | x)] for every candidate of ``log_probs`` (N, S, C): float64, (N,)."""
-    out = torch.empty(log_probs.shape[0], dtype=torch.float64, device=log_probs.device)
-    for start in range(0, log_probs.shape[0], ROWS_PER_CHUNK):
-        out[start:start + ROWS_PER_CHUNK] = _entropy_from_log_probs(
-            log_probs[start:start + ROWS_PER_CHUNK].double()).mean(dim=1)
-    return out
-
 
 def bald_scores(log_probs: torch.Tensor) -> torch.Tensor:
     """Mutual information I[y; w | x] of every candidate of ``log_probs`` (N, S, C): float64, (N,)."""
@@ -40,8 +22,8 @@ def bald_scores(log_probs: torch.Tensor) -> torch.Tensor:
     for start in range(0, log_probs.shape[0], ROWS_PER_CHUNK):
         chunk = log_probs[start:start + ROWS_PER_CHUNK].double()
         mean_log_probs = torch.logsumexp(chunk, dim=1) - math.log(samples)  # log of the mean over passes
-        out[start:start + ROWS_PER_CHUNK] = (_entropy_from_log_probs(mean_log_probs)
-                                             - _entropy_from_log_probs(chunk).mean(dim=1))
+        out[start:start + ROWS_PER_CHUNK] = (entropy_from_log_probs(mean_log_probs)
+                                             - entropy_from_log_probs(chunk).mean(dim=1))
     return out
 
 

@@ -36,9 +36,8 @@ import torch
 from fmask.core.errors import FmaskError
 from fmask.query.base import QueryContext, Selection, read_option
 from fmask.core.progress import ProgressFn
-from fmask.query.mc_dropout import McDropoutStrategy
+from fmask.query.mc_dropout import McDropoutStrategy, expected_entropies
 from fmask.query.registry import register_strategy
-from fmask.query.strategies.bald import expected_entropies
 
 DEFAULT_NUM_SAMPLES = 1000
 BLOCK_ELEMENTS = 1 << 22  # candidates × configurations × classes scored at once

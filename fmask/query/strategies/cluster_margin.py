@@ -22,11 +22,10 @@ import numpy as np
 import torch
 
 from fmask.core.errors import FmaskError
-from fmask.query.base import QueryContext, Selection, Strategy, read_option, require_labeled
+from fmask.query.base import QueryContext, Selection, Strategy, check_batch, read_option, require_labeled
 from fmask.query.clustering import block_rows, squared_distances
 from fmask.query.registry import register_strategy
-from fmask.query.strategies.kcenter import check_batch
-from fmask.query.strategies.margin import margin_scores
+from fmask.query.uncertainty import margin_scores
 
 DEFAULT_OVERSAMPLE = 10
 DEFAULT_CAP = 20_000

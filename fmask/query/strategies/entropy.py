@@ -1,14 +1,8 @@
 """Entropy sampling: pick the candidates whose predicted class distribution has the most entropy."""
 
-import torch
-
 from fmask.query.base import QueryContext, Selection, Strategy, top_scores
 from fmask.query.registry import register_strategy
-
-
-def entropy_scores(probs: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy of each row of ``probs`` (n, C); 0·log 0 counts as 0."""
-    return -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=1)
+from fmask.query.uncertainty import entropy_scores
 
 
 @register_strategy("entropy")

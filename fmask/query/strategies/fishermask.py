@@ -3,7 +3,7 @@ the top-k parameters by Fisher information (the ``--mask`` file from ``fmask fis
 
 Each sample's embedding V_x (classes x k) has rows sqrt(p_y(x)) grad log p_y(x) on the masked parameters; they
 come from the mask's cache (computed once per round by ``fmask fisher``, or here when missing). Labeled samples
-enter M_0, and the batch is picked by :func:`fmask.query.fisher_greedy.fisher_greedy_detailed`.
+enter M_0, and the batch is picked by the engine in :mod:`fmask.query.fisher_greedy` (as for ``bait``).
 
 Two points where the paper and the authors' code differ are options (default: the mask's recorded choice, which
 defaults to the first of each):
@@ -20,16 +20,13 @@ prune), "chunk_size" (int or None), "memory_limit" (bytes or None).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from fmask.core import distributed
 from fmask.core.errors import FmaskError
 from fmask.fisher.grads import check_embedding_rows
 from fmask.fisher.step import check_m0
-from fmask.query.base import QueryContext, Selection, Strategy, greedy_options, read_option
-from fmask.query.fisher_greedy import fisher_greedy_detailed
+from fmask.query.base import GreedyOptions, QueryContext, Selection, Strategy, read_option
+from fmask.query.fisher_greedy import select_by_fisher_greedy
 from fmask.query.registry import register_strategy
 
 
@@ -55,43 +52,18 @@ class FisherMaskStrategy(Strategy):
     def select(self, ctx: QueryContext, batch: int) -> Selection:
         if ctx.mask is None:
             raise FmaskError(f"the {self.name} strategy needs --mask; run `fmask fisher --ckpt CKPT --out MASK` first")
-        lamb, dtype, backward_steps, chunk_size, memory_limit = greedy_options(ctx.options)
         variant = self.variant(ctx)
-        if variant["m0"] == "fisher":
-            dtype = torch.float64  # M_0 = lamb F is ill-conditioned where F is nearly singular; float32 loses it
 
-        candidates, labeled = list(ctx.unlabeled_ids), list(ctx.labeled_ids)
-        if distributed.is_distributed():
-            if variant["m0"] != "identity":
-                raise FmaskError("m0=fisher is not supported under torchrun; run the query in one process")
-            selection = self._select_sharded(ctx, batch, candidates, labeled, rows=variant["embedding_rows"],
-                                             lamb=lamb, dtype=dtype, backward_steps=backward_steps,
-                                             chunk_size=chunk_size, memory_limit=memory_limit)
-            selection.details = variant
-            return selection
-        pool, labeled_embeddings = ctx.mask.embeddings(
-            ctx.model, ctx.pool, candidates, labeled, device=ctx.device, rows=variant["embedding_rows"],
-            progress=ctx.progress,
-        )
-        result = fisher_greedy_detailed(
-            pool, batch, labeled_embeddings if labeled else None, lamb=lamb, backward_steps=backward_steps,
-            dtype=dtype, chunk_size=chunk_size, device=ctx.device, memory_limit=memory_limit, m0=variant["m0"],
-            progress=ctx.progress,
-        )
-        return Selection(ids=[candidates[p] for p in result.positions], scores=result.gains, details=variant)
+        def embed(candidates: list[int], labeled: list[int], _options: GreedyOptions):
+            # This rank's block of each set (all of it in one process): from the mask's cache, or computed.
+            return ctx.mask.embeddings(ctx.model, ctx.pool, candidates, labeled, device=ctx.device,
+                                       rows=variant["embedding_rows"], progress=ctx.progress, block=True)
 
-    @staticmethod
-    def _select_sharded(ctx: QueryContext, batch: int, candidates: list[int], labeled: list[int], *, rows: str,
-                        **engine: Any) -> Selection:
-        """Under torchrun: each rank holds its block of the embeddings and of the greedy state."""
-        from fmask.distributed_fisher import local_mask_embeddings
-        from fmask.query.fisher_greedy_dist import fisher_greedy_distributed
-
-        pool, labeled_embeddings = local_mask_embeddings(ctx.mask, ctx.model, ctx.pool, candidates, labeled,
-                                                         device=ctx.device, rows=rows, progress=ctx.progress)
-        result = fisher_greedy_distributed(pool, batch, labeled_embeddings if labeled else None, device=ctx.device,
-                                           progress=ctx.progress, **engine)
-        return Selection(ids=[candidates[p] for p in result.positions], scores=result.gains)
+        # M_0 = lamb F is ill-conditioned where F is nearly singular: float32 loses it.
+        selection = select_by_fisher_greedy(ctx, batch, embed, m0=variant["m0"],
+                                            dtype=torch.float64 if variant["m0"] == "fisher" else None)
+        selection.details = variant
+        return selection
 
 
 @register_strategy("fishermask-unscaled")

@@ -17,22 +17,12 @@ from typing import Optional, Union
 
 import torch
 
-from fmask.core.errors import FmaskError
-from fmask.query.base import QueryContext, Selection, Strategy
 from fmask.core.progress import ProgressFn
+from fmask.query.base import QueryContext, Selection, Strategy, check_batch
+from fmask.query.clustering import DEFAULT_CHUNK_SIZE, chunked_sq_norms, distance_options
 from fmask.query.registry import register_strategy
 
-DEFAULT_CHUNK_SIZE = 4096
 Device = Union[torch.device, str, None]
-
-
-def chunked_sq_norms(matrix: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Squared Euclidean norm of every row of ``matrix``, float64, ``chunk_size`` rows at a time."""
-    out = torch.empty(matrix.shape[0], dtype=torch.float64, device=matrix.device)
-    for start in range(0, matrix.shape[0], chunk_size):
-        rows = matrix[start : start + chunk_size].double()
-        out[start : start + chunk_size] = (rows * rows).sum(dim=1)
-    return out
 
 
 def _check_sizes(n_candidates: int, batch: int, chunk_size: int) -> None:
@@ -117,24 +107,6 @@ def kcenter_greedy(
     return positions, distances
 
 
-def chunk_size_option(ctx: QueryContext) -> int:
-    """The ``chunk_size`` query option (rows per distance block), validated."""
-    value = ctx.options.get("chunk_size", DEFAULT_CHUNK_SIZE)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FmaskError(f"option chunk_size must be a positive integer, got {value!r}; pass e.g. chunk_size=4096")
-    return value
-
-
-def check_batch(ctx: QueryContext, batch: int) -> None:
-    """Refuse a batch the candidates cannot fill: the strategy contract promises exactly ``batch`` ids."""
-    if batch > len(ctx.unlabeled_ids):
-        raise FmaskError(
-            f"batch {batch} exceeds the {len(ctx.unlabeled_ids)} unlabeled candidates; lower the batch size"
-        )
-    if batch < 0:
-        raise FmaskError(f"batch must be a non-negative integer, got {batch}; pass a batch size of at least 1")
-
-
 @register_strategy("kcenter")
 class KCenterStrategy(Strategy):
     """Core-set selection: farthest-first over penultimate embeddings, starting from the labeled set."""
@@ -143,15 +115,6 @@ class KCenterStrategy(Strategy):
 
     def select(self, ctx: QueryContext, batch: int) -> Selection:
         check_batch(ctx, batch)
-        candidates = ctx.features(ctx.unlabeled_ids)
-        centers = ctx.features(ctx.labeled_ids)
-        positions, distances = kcenter_greedy(
-            candidates,
-            centers,
-            batch,
-            generator=ctx.generator(),
-            chunk_size=chunk_size_option(ctx),
-            device=ctx.device,
-            progress=ctx.progress,
-        )
+        positions, distances = kcenter_greedy(ctx.features(ctx.unlabeled_ids), ctx.features(ctx.labeled_ids), batch,
+                                              **distance_options(ctx))
         return Selection(ids=[ctx.unlabeled_ids[i] for i in positions], scores=distances)
