@@ -4,6 +4,7 @@ from typing import Optional
 import typer
 
 from fmask.cli import app
+from fmask.cli.options import Force, Workers
 from fmask.cli.ui import done, progress_callback
 from fmask.pool.pool import build_pool, parse_class_counts
 
@@ -24,7 +25,7 @@ def build_pool_command(
     resize: Optional[str] = typer.Option(None, help="With --image-size: crop (default: shorter side to S, centre "
                                          "crop) | pad (longer side to S, black borders) | stretch."),
     channels: int = typer.Option(3, help="With --images: 3 (RGB) or 1 (grayscale)."),
-    workers: Optional[int] = typer.Option(None, help="With --images: decoding processes (default: the CPU count)."),
+    workers: Workers = None,
     strict: bool = typer.Option(False, help="With --images: refuse a bad file instead of skipping and listing it."),
     dataset: Optional[str] = typer.Option(None, help="A benchmark: digits (default) | cifar10 | fashionmnist | "
                                           "mnist | folder:PATH"),
@@ -35,7 +36,7 @@ def build_pool_command(
     seed: int = typer.Option(0, help="Seed for the pool and initial draws."),
     test_per_class: Optional[int] = typer.Option(None, help="Subsample the test split per class (default: all)."),
     download: bool = typer.Option(False, help="Download torchvision datasets into --root."),
-    force: bool = typer.Option(False, help="Rebuild even if the pool exists with the same inputs."),
+    force: Force = False,
 ) -> None:
     """Build a pool: your own images (--images), or a class-imbalanced pool from a benchmark dataset, with its
     images decoded once into a memory-mapped cache and the round-0 labeled set."""

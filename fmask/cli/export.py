@@ -5,18 +5,19 @@ import typer
 
 from fmask.core import paths
 from fmask.cli import app
+from fmask.cli.options import PoolOfQuery, QueryFile
 from fmask.cli.ui import done, progress_callback
 from fmask.label.export import run_export
 
 
 @app.command("export")
 def export_command(
-    query: Path = typer.Option(..., help="Selected-index JSON from `fmask query`."),
+    query: QueryFile = ...,
     out: Optional[Path] = typer.Option(None, help="Directory to write the batch into (must not exist, or be empty); "
                                        "optional with --project."),
     ckpt: Optional[Path] = typer.Option(None, help="Checkpoint for the model's guesses (default: the one the query "
                                         "records; its hash must match)."),
-    pool: Optional[Path] = typer.Option(None, help="Pool directory (default: the one the query records)."),
+    pool: PoolOfQuery = None,
     image_root: Optional[str] = typer.Option(None, help="Label Studio local files: the export directory's path "
                                              "relative to LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (default: the "
                                              "--out directory's name)."),

@@ -1,4 +1,3 @@
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -7,18 +6,17 @@ from rich.table import Table
 
 from fmask.core import distributed
 from fmask.cli import app
-from fmask.core.device import memory_budget, parse_memory_size
-from fmask.core.numerics import deterministic_algorithms
-from fmask.cli.ui import done, progress_callback, show
+from fmask.cli.options import Checkpoint, Deterministic, Device, Force, MemoryLimit, PoolOfCheckpoint, computing
+from fmask.cli.ui import done, show
 from fmask.fisher.profile import mask_profile_from_file
 from fmask.fisher.step import EMBED_DTYPES, run_fisher
 
 
 @app.command("fisher")
 def fisher_command(
-    ckpt: Path = typer.Option(..., help="Checkpoint from `fmask train`."),
+    ckpt: Checkpoint = ...,
     out: Path = typer.Option(..., help="Mask file (.safetensors) to write; embeddings are cached beside it."),
-    pool: Optional[Path] = typer.Option(None, help="Pool directory (default: the one the checkpoint records)."),
+    pool: PoolOfCheckpoint = None,
     labeled: Optional[Path] = typer.Option(None, help="Labeled set (default: the one the checkpoint was trained on)."),
     sparsity: float = typer.Option(0.002, help="Share of all parameters to keep: k = round(sparsity x parameters)."),
     samples: Optional[int] = typer.Option(None, help="Average the Fisher over N unlabeled samples, stratified by "
@@ -37,19 +35,14 @@ def fisher_command(
     m0: str = typer.Option("identity", help="Recorded for `fmask query`: the greedy starts from lamb I (identity, "
                                             "the authors' code) or lamb F (fisher, the paper's eq. 2)."),
     profile: bool = typer.Option(False, "--profile", help="Print the share of masked parameters per layer."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Memory to plan with, in bytes or e.g. "
-                                               "20GB / 16GiB (default: 60% of available RAM, 80% of free GPU "
-                                               "memory)."),
-    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms only (cuDNN "
-                                       "included), so a GPU rerun gives identical results; slower."),
-    force: bool = typer.Option(False, help="Recompute even if the mask exists with the same inputs."),
+    device: Device = "auto",
+    memory_limit: MemoryLimit = None,
+    deterministic: Deterministic = False,
+    force: Force = False,
 ) -> None:
     """Rank every parameter by its exact diagonal Fisher on the unlabeled pool and keep the top k (FisherMask)."""
-    budget = parse_memory_size(memory_limit) if memory_limit else None
-    distributed.init_from_env(device)  # under torchrun: shard the pool; rank 0 alone writes and prints
-    with deterministic_algorithms(deterministic), memory_budget(budget), \
-            progress_callback() if distributed.is_main() else nullcontext(None) as progress:
+    # under torchrun: the pool is sharded; rank 0 alone writes and prints
+    with computing(device=device, deterministic=deterministic, memory_limit=memory_limit) as progress:
         result = run_fisher(ckpt=ckpt, out=out, pool_dir=pool, labeled=labeled, sparsity=sparsity, samples=samples,
                             head=head, seed=seed, device=device, embed_dtype=embed_dtype, embeddings=embeddings,
                             batch_size=batch_size, embedding_rows=embedding_rows, m0=m0, force=force,

@@ -4,21 +4,22 @@ from typing import Optional
 import typer
 
 from fmask.cli import app
+from fmask.cli.options import Force, PoolOfQuery, QueryFile
 from fmask.cli.ui import done
 from fmask.label.step import run_label
 
 
 @app.command("label")
 def label_command(
-    query: Path = typer.Option(..., help="Selected-index JSON from `fmask query`."),
+    query: QueryFile = ...,
     out: Path = typer.Option(..., help="The next labeled set (JSON) to write."),
     labeled: Optional[Path] = typer.Option(None, help="Labeled set to extend (default: the one the query used)."),
     answers: Optional[Path] = typer.Option(None, help="Human answers: a CSV with sample_id,label or path,label columns "
                                            "(e.g. the filled-in manifest.csv of `fmask export`) or a Label Studio "
                                            "JSON export (default: the pool's ground truth, the simulated oracle; "
                                            "pools from your own images need answers)."),
-    pool: Optional[Path] = typer.Option(None, help="Pool directory (default: the one the query records)."),
-    force: bool = typer.Option(False, help="Rewrite even if the output exists with the same inputs."),
+    pool: PoolOfQuery = None,
+    force: Force = False,
     allow_mixed_sources: bool = typer.Option(False, help="Allow oracle labels after human ones (or the reverse) "
                                              "in one run."),
     label_studio: Optional[str] = typer.Option(None, "--label-studio", help="Address of a running Label Studio "

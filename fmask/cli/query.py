@@ -1,4 +1,3 @@
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -7,8 +6,9 @@ import typer
 from fmask.core import distributed
 from fmask.cli import app
 from fmask.core.device import parse_memory_size
-from fmask.core.numerics import deterministic_algorithms
-from fmask.cli.ui import done, progress_callback
+from fmask.cli.options import (Deterministic, Device, Force, InputSize, Mean, MemoryLimit, PoolOfCheckpoint, Std,
+                               computing)
+from fmask.cli.ui import done
 from fmask.query.registry import list_strategies
 from fmask.query.step import run_query
 from fmask.train.pretrained import parse_channel_values
@@ -22,7 +22,7 @@ def query_command(
     out: Path = typer.Option(..., help="Selected-index JSON to write (the same list as CSV goes beside it)."),
     strategy: str = typer.Option("random", help=f"One of: {', '.join(list_strategies())}."),
     batch: int = typer.Option(..., help="How many samples to select."),
-    pool: Optional[Path] = typer.Option(None, help="Pool directory (default: the one the checkpoint records)."),
+    pool: PoolOfCheckpoint = None,
     labeled: Optional[Path] = typer.Option(None, help="Labeled set (default: the one the checkpoint was trained on, "
                                            "or the pool's labeled.json without --ckpt)."),
     mask: Optional[Path] = typer.Option(None, help="Fisher mask from `fmask fisher` (fishermask)."),
@@ -45,34 +45,27 @@ def query_command(
                                                    "timm:NAME, resnet18, cnn)."),
     weights: Optional[str] = typer.Option(None, help="Cold start: its weights file or `default`; with a "
                                                      "--finetune head checkpoint: its backbone file, if moved."),
-    input_size: Optional[int] = typer.Option(None, help="Cold start: resize inputs to this size (default: the "
-                                                        "weights' config)."),
-    mean: Optional[str] = typer.Option(None, help="Cold start: the backbone's normalisation mean (default: the "
-                                                  "weights' config)."),
-    std: Optional[str] = typer.Option(None, help="Cold start: the backbone's normalisation std."),
+    input_size: InputSize = None,
+    mean: Mean = None,
+    std: Std = None,
     embedding_rows: Optional[str] = typer.Option(None, help="fishermask: scaled | unscaled embedding rows "
                                                             "(default: what the mask records)."),
     m0: Optional[str] = typer.Option(None, help="fishermask: identity | fisher start of the greedy (lamb I or lamb F; "
                                                 "default: what the mask records)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Memory to plan with, in bytes or e.g. "
-                                               "20GB / 16GiB (default: 60% of available RAM, 80% of free GPU "
-                                               "memory)."),
-    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms only (cuDNN "
-                                       "included), so a GPU rerun gives identical results; slower."),
-    force: bool = typer.Option(False, help="Rerun even if the output exists with the same inputs."),
+    device: Device = "auto",
+    memory_limit: MemoryLimit = None,
+    deterministic: Deterministic = False,
+    force: Force = False,
 ) -> None:
     """Select the next batch from the unlabeled pool with a registered strategy.
 
     Under `torchrun --nproc-per-node K -m fmask query ...` fishermask and bait shard the pool over the processes."""
-    distributed.init_from_env(device)
     options = {"lamb": lamb, "backward_steps": backward_steps, "float64": float64, "chunk_size": chunk_size,
                "precision": precision, "mc_samples": mc_samples, "joint_samples": joint_samples, "radius": radius,
                "clusters": clusters, "oversample": oversample, "cluster_cap": cluster_cap,
                "embedding_rows": embedding_rows, "m0": m0,
                "memory_limit": parse_memory_size(memory_limit) if memory_limit else None}
-    with deterministic_algorithms(deterministic), \
-            progress_callback() if distributed.is_main() else nullcontext(None) as progress:
+    with computing(device=device, deterministic=deterministic) as progress:
         result = run_query(ckpt=ckpt, out=out, strategy=strategy, batch=batch, pool_dir=pool, labeled=labeled,
                            mask=mask, seed=seed, device=device, options=options, force=force, progress=progress,
                            model=model, weights=weights, input_size=input_size,

@@ -4,6 +4,7 @@ from typing import Optional
 import typer
 
 from fmask.cli import app
+from fmask.cli.options import Deterministic
 from fmask.core.numerics import deterministic_algorithms
 from fmask.cli.ui import done, progress_callback
 from fmask.run.experiment import PRESETS, config_from_options, run_experiment
@@ -36,8 +37,7 @@ def run_command(
     m0: Optional[str] = typer.Option(None, help="fishermask's greedy start: identity (lamb I) | fisher (lamb F)."),
     test_per_class: Optional[int] = typer.Option(None, help="Subsample the test split per class."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms only (cuDNN "
-                                       "included), so a GPU rerun gives identical results; slower."),
+    deterministic: Deterministic = False,
 ) -> None:
     """Run (or resume) strategies × seeds × rounds of the staged steps under one results directory."""
     overrides = dict(dataset=dataset, root=root, download=download, setting=setting,

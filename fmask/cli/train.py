@@ -1,4 +1,3 @@
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -6,8 +5,8 @@ import typer
 
 from fmask.core import distributed
 from fmask.cli import app
-from fmask.core.numerics import deterministic_algorithms
-from fmask.cli.ui import done, progress_callback
+from fmask.cli.options import Deterministic, Device, Force, InputSize, Mean, Std, computing
+from fmask.cli.ui import done
 from fmask.train.pretrained import parse_channel_values
 from fmask.train.recipe import make_train_config
 from fmask.train.trainer import TrainConfig, train
@@ -24,11 +23,9 @@ def train_command(
                                                      "`default` (the library's own, from its cache)."),
     finetune: str = typer.Option("full", help="full: train every weight | head: a linear head on the frozen "
                                               "backbone's cached features (needs --weights)."),
-    input_size: Optional[int] = typer.Option(None, help="Resize inputs on the device to this size (default: the "
-                                                        "weights' config; the pool's size for resnet18/cnn)."),
-    mean: Optional[str] = typer.Option(None, help="The backbone's normalisation mean, e.g. 0.485,0.456,0.406 "
-                                                  "(default: the weights' config, ImageNet's for a plain file)."),
-    std: Optional[str] = typer.Option(None, help="The backbone's normalisation std (default: as --mean)."),
+    input_size: InputSize = None,
+    mean: Mean = None,
+    std: Std = None,
     epochs: Optional[int] = typer.Option(None, help="Epochs, a cap while --target-accuracy is on (default: 100; "
                                                     "10 with --weights, 30 with --finetune head)."),
     target_accuracy: Optional[float] = typer.Option(None, help="Stop once an epoch reaches this training accuracy "
@@ -48,7 +45,7 @@ def train_command(
                                            help="Random crop + flip, flip only where the dataset allows (default: "
                                                 "on; off with --finetune head)."),
     seed: int = typer.Option(0, help="Seed for initialisation, batches and augmentation."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    device: Device = "auto",
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 (autocast); auto: bf16 on GPUs that "
                                                "have it, fp32 on CPU."),
     channels_last: bool = typer.Option(True, help="Channels-last (NHWC) memory format for the model and batches."),
@@ -59,15 +56,13 @@ def train_command(
                                                "it for their Monte Carlo dropout passes, e.g. 0.3."),
     val_fraction: float = typer.Option(0.0, help="Hold out this stratified share of the labeled set and measure "
                                        "accuracy on it (pools without a test set)."),
-    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms only (cuDNN "
-                                       "included), so a GPU rerun gives identical results; slower."),
-    force: bool = typer.Option(False, help="Retrain even if the checkpoint exists with the same inputs."),
+    deterministic: Deterministic = False,
+    force: Force = False,
 ) -> None:
     """Train on the labeled set (from scratch, or from pretrained --weights), evaluate on the test split (or a
     held-out part), write a checkpoint.
 
     Under `torchrun --nproc-per-node K -m fmask train ...` it trains with DistributedDataParallel."""
-    distributed.init_from_env(device)
     config = make_train_config(
         TrainConfig, model=model, weights=weights, finetune=finetune, input_size=input_size,
         mean=parse_channel_values(mean, "--mean"), std=parse_channel_values(std, "--std"), lr=lr,
@@ -75,8 +70,7 @@ def train_command(
         batch_size=batch_size, max_epochs=epochs, target_train_accuracy=target_accuracy, grad_clamp=grad_clamp,
         augment=augment, seed=seed, precision=precision, channels_last=channels_last, compile=compile_model,
         stream=stream, mc_dropout=mc_dropout, val_fraction=val_fraction)
-    with deterministic_algorithms(deterministic), \
-            progress_callback() if distributed.is_main() else nullcontext(None) as progress:
+    with computing(device=device, deterministic=deterministic) as progress:
         result = train(pool_dir=pool, labeled=labeled, out=out, config=config, device=device, force=force,
                        progress=progress)
     if not distributed.is_main():
