@@ -80,7 +80,9 @@ def area_under_curve(labeled: np.ndarray, accuracy: np.ndarray) -> float:
     """Mean accuracy over the labeled-count range (trapezoids), comparable across budgets of one experiment."""
     if len(labeled) < 2 or labeled[-1] == labeled[0]:
         return float(accuracy[-1]) if len(accuracy) else float("nan")
-    return float(np.trapezoid(accuracy, labeled) / (labeled[-1] - labeled[0]))
+    from scipy.integrate import trapezoid  # numpy's own is np.trapz before 2.0 and np.trapezoid from 2.0 on
+
+    return float(trapezoid(accuracy, labeled) / (labeled[-1] - labeled[0]))
 
 
 def labels_to_reach(labeled: np.ndarray, accuracy: np.ndarray, target: float) -> float:
