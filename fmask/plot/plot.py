@@ -261,8 +261,10 @@ def plot_learning_curves(runs: pd.DataFrame, path: Path, metric: str = "accuracy
         x = stats.index.to_numpy(float)
         n_runs = rows["run"].nunique()
         where = ", validation" if "evaluated_on" in rows.columns and (rows["evaluated_on"] == "validation").all() else ""
-        ax.plot(x, stats["mean"], marker="o", markersize=3, color=color, label=f"{strategy} (n={n_runs}{where})")
-        ax.fill_between(x, stats["mean"] - stats["std"], stats["mean"] + stats["std"], color=color, alpha=0.2)
+        # As floats: a column that held nulls aggregates to object dtype on older pandas, which matplotlib refuses.
+        mean, std = stats["mean"].to_numpy(float), stats["std"].to_numpy(float)
+        ax.plot(x, mean, marker="o", markersize=3, color=color, label=f"{strategy} (n={n_runs}{where})")
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2)
     if measured.empty:
         ax.text(0.5, 0.5, "no test set: accuracy was not measured", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("labeled samples")
