@@ -261,7 +261,7 @@ def plot_learning_curves(runs: pd.DataFrame, path: Path, metric: str = "accuracy
         x = stats.index.to_numpy(float)
         n_runs = rows["run"].nunique()
         where = ", validation" if "evaluated_on" in rows.columns and (rows["evaluated_on"] == "validation").all() else ""
-        # As floats: a column that held nulls aggregates to object dtype on older pandas, which matplotlib refuses.
+        # As floats: pandas 2.0 can hand these back as object arrays, which matplotlib refuses.
         mean, std = stats["mean"].to_numpy(float), stats["std"].to_numpy(float)
         ax.plot(x, mean, marker="o", markersize=3, color=color, label=f"{strategy} (n={n_runs}{where})")
         ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2)
