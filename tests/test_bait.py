@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fmask.core.errors import FmaskError
+from fmask.pool.tensor import TensorPool
 from fmask.query.base import QueryContext
 from fmask.query.fisher_greedy import fisher_greedy
 from fmask.query.registry import get_strategy, list_strategies
@@ -11,20 +12,9 @@ from fmask.query.strategies.bait import bait_embeddings
 from fmask.train.models import build_model
 
 
-class StandInPool:
-    """Just enough of a pool: a fixed random 1 x 8 x 8 image per sample id."""
-
-    num_classes = 3
-
-    def __init__(self, size: int) -> None:
-        self.ids = list(range(size))
-        self._images = torch.randn(size, 1, 8, 8, generator=torch.Generator().manual_seed(7))
-
-    def inputs(self, ids):
-        return self._images[list(ids)]
-
-    def labels(self, ids):
-        return torch.tensor([i % self.num_classes for i in ids])
+def tiny_pool(size: int) -> TensorPool:
+    """A fixed random 1 x 8 x 8 image per position."""
+    return TensorPool(torch.randn(size, 1, 8, 8, generator=torch.Generator().manual_seed(7)))
 
 
 def tiny_model() -> torch.nn.Module:
@@ -50,7 +40,7 @@ def autograd_embeddings(model: torch.nn.Module, images: torch.Tensor) -> torch.T
 
 def test_embedding_is_the_scaled_head_weight_gradient():
     model = tiny_model().double()
-    images = StandInPool(5).inputs(range(5)).double()
+    images = tiny_pool(5).inputs(range(5)).double()
     with torch.no_grad():
         features = model.forward_features(images)
         probs = torch.softmax(model.head(features), dim=1)
@@ -66,7 +56,7 @@ def test_embedding_is_the_scaled_head_weight_gradient():
 
 def make_context(options=None, size=24, labeled=(0, 1, 2, 3)) -> QueryContext:
     unlabeled = [i for i in range(size) if i not in labeled]
-    return QueryContext(model=tiny_model(), pool=StandInPool(size), labeled_ids=list(labeled),
+    return QueryContext(model=tiny_model(), pool=tiny_pool(size), labeled_ids=list(labeled),
                         unlabeled_ids=unlabeled, seed=3, options=dict(options or {}), batch_size=7)
 
 

@@ -57,7 +57,26 @@ def spawn(target, *args, tmp_path: Path) -> list:
 # ---- primitives ----------------------------------------------------------------------------------------------
 
 
-def _primitives() -> dict:
+def _step_output(directory: str) -> dict:
+    """Two writes of one step: rank 0 alone locks, decides and writes; every rank sees its decision."""
+    from fmask.core.atomic import atomic_write_json
+    from fmask.core.locking import lock_holder
+    from fmask.core.readers import read_json
+    from fmask.core.steps import step_output
+
+    out = Path(directory) / "a.json"
+    with step_output(out, command="test", step={"x": 1}) as first:
+        holder = lock_holder(out.parent)  # rank 1: rank 0's lock; rank 0: its own, not "another command"
+        if first.writes:
+            atomic_write_json(out, first.sealed({"rank": distributed.rank()}))
+    with step_output(out, command="test", step={"x": 1},
+                     on_current=lambda: read_json(out, what="test", made_by="test")["rank"]) as second:
+        pass
+    return {"first": (first.current, first.writes), "holder": None if holder is None else holder.command,
+            "second": (second.current, second.recorded)}
+
+
+def _primitives(directory: str) -> dict:
     rank = distributed.rank()
     ids = list(range(10, 21))  # 11 ids: uneven shards
     summed = distributed.all_reduce_sum(torch.tensor([1.0, float(rank)], dtype=torch.float64))
@@ -67,11 +86,12 @@ def _primitives() -> dict:
         "rank": rank, "world": distributed.world_size(), "main": distributed.is_main(),
         "shard": distributed.shard(ids), "aligned": distributed.shard(ids, align=4), "summed": summed,
         "gathered": gathered, "halves": halves, "object": distributed.broadcast_object({"from": rank}),
+        "step_output": _step_output(directory),
     }
 
 
 def test_primitives_on_two_gloo_ranks(tmp_path):
-    first, second = spawn(_primitives, tmp_path=tmp_path)
+    first, second = spawn(_primitives, str(tmp_path / "step"), tmp_path=tmp_path)
     assert (first["rank"], second["rank"], first["world"]) == (0, 1, 2)
     assert first["main"] and not second["main"]
     assert first["shard"] + second["shard"] == list(range(10, 21))  # contiguous, rank order
@@ -82,6 +102,10 @@ def test_primitives_on_two_gloo_ranks(tmp_path):
         assert result["halves"].dtype == torch.bfloat16 and result["halves"].shape == (5, 3)
         assert result["halves"][:2].eq(0.5).all() and result["halves"][2:].eq(1.5).all()
         assert result["object"] == {"from": 0}
+        assert result["step_output"]["second"] == (True, 0)  # current on every rank, rank 0's record shared
+    assert first["step_output"]["first"] == (False, True) and second["step_output"]["first"] == (False, False)
+    assert first["step_output"]["holder"] is None and second["step_output"]["holder"] == "test"  # rank 0 locked
+    assert sorted(p.name for p in (tmp_path / "step").iterdir()) == ["a.json"]  # one writer, lock released
 
 
 def test_single_process_helpers_are_identities(monkeypatch):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fmask.core.errors import FmaskError
+from fmask.pool.tensor import TensorPool
 from fmask.query.base import QueryContext
 from fmask.query.registry import get_strategy, list_strategies
 from fmask.query.strategies.badge import (
@@ -216,28 +217,15 @@ def test_badge_rejects_an_oversized_batch() -> None:
 # ---------------------------------------------------------------- strategies on a QueryContext
 
 
-class TinyPool:
-    """Stand-in pool: a fixed random 1x8x8 image per sample id."""
-
-    num_classes = 3
-
-    def __init__(self, n: int) -> None:
-        generator = torch.Generator().manual_seed(123)
-        self.ids = list(range(n))
-        self._images = torch.randn(n, 1, 8, 8, generator=generator)
-        self._labels = torch.randint(3, (n,), generator=generator)
-
-    def inputs(self, ids) -> torch.Tensor:
-        return self._images[list(ids)]
-
-    def labels(self, ids) -> torch.Tensor:
-        return self._labels[list(ids)]
+def tiny_pool(n: int) -> TensorPool:
+    """A fixed random 1x8x8 image per position."""
+    return TensorPool(torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(123)))
 
 
 def make_context(labeled: list[int], seed: int = 0, n: int = 40, **options) -> QueryContext:
     torch.manual_seed(0)  # the same model weights for every context
     model = build_model("cnn", in_channels=1, num_classes=3).eval()
-    pool = TinyPool(n)
+    pool = tiny_pool(n)
     unlabeled = [i for i in pool.ids if i not in set(labeled)]
     return QueryContext(
         model=model, pool=pool, labeled_ids=labeled, unlabeled_ids=unlabeled, seed=seed, batch_size=16,

@@ -98,3 +98,25 @@ def test_summary_intervals_and_paired_tests_match_the_references():
 def test_the_note_says_when_too_few_seeds_make_p_meaningless():
     notes = summary_notes(summarize(_runs(seeds=3)))
     assert any("fewer than 6" in note for note in notes)
+
+
+def test_the_mask_profile_uses_the_last_rounds_mask_found_by_name_not_by_mtime(tmp_path):
+    import os
+
+    from fmask.core import paths
+    from fmask.plot.plot import last_mask
+
+    assert last_mask(tmp_path) is None
+    chain = paths.run_chain(tmp_path, 0, "fishermask")
+    chain.mkdir(parents=True)
+    newer = [paths.chain_mask(chain, 0), paths.chain_mask(chain, 2), paths.chain_mask(tmp_path / "seed0" / "bait", 1),
+             paths.embeddings_cache(paths.chain_mask(chain, 11)),
+             paths.feature_cache(tmp_path / "seed0" / "pool", "ab" * 8)]
+    for age, path in enumerate([paths.chain_mask(chain, 10), *newer]):  # round 10's mask is the oldest file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+        os.utime(path, (1_000_000 + age, 1_000_000 + age))
+    assert last_mask(tmp_path) == chain / "fisher10.safetensors"
+    (tmp_path / "mask.safetensors").write_bytes(b"")  # a hand-named mask without a round comes before every round
+    assert last_mask(tmp_path) == chain / "fisher10.safetensors"
+    assert last_mask(tmp_path / "seed0" / "bait") == tmp_path / "seed0" / "bait" / "fisher1.safetensors"

@@ -515,6 +515,47 @@ def test_output_lock_is_reentrant_removes_its_file_and_what_it_created_on_failur
     assert not stale.exists() and foreign.exists()  # only the step's own outputs' temp files are removed
 
 
+def test_step_output_skips_a_current_output_reruns_with_force_and_refuses_a_second_writer(zygote, tmp_path):
+    from fmask.core.atomic import atomic_write_json
+    from fmask.core.errors import FmaskError
+    from fmask.core.hashing import SEAL_KEY, sha256_json
+    from fmask.core.steps import STEP_KEY, step_output
+
+    out, beside = tmp_path / "d" / "a.json", tmp_path / "d" / "a.csv"
+    with step_output(out, command="query", step={"x": 1}, beside=(beside,)) as output:
+        assert not output.current and output.writes and output.recorded is None
+        assert (out.parent / LOCK_NAME).is_file() and lock_holder(out.parent) is None  # held by this process
+        atomic_write_json(out, output.sealed({"kind": "test"}))
+    written = read_json(out, what="test", made_by="the test")  # refuses a seal that does not match
+    assert written[STEP_KEY] == {"x": 1} and list(written)[-2:] == [STEP_KEY, SEAL_KEY]
+    assert written[SEAL_KEY] == sha256_json({"kind": "test", STEP_KEY: {"x": 1}})
+    assert not (out.parent / LOCK_NAME).exists()
+
+    reused = []
+    stale = out.parent / ".a.csv.k2j4h6g8.tmp"  # left by a killed writer of the file beside
+    stale.write_text("partial")
+    with step_output(out, command="query", step={"x": 1}, beside=(beside,),
+                     on_current=lambda: reused.append(1) or "recorded") as output:
+        assert output.current and output.recorded == "recorded" and reused == [1]
+    assert not stale.exists()
+    for step, force in (({"x": 2}, False), ({"x": 1}, True), (None, False)):  # changed, --force, records no step
+        with step_output(out, command="query", step=step, force=force, on_current=reused.append) as output:
+            assert not output.current and output.recorded is None
+    assert reused == [1]
+
+    beside.mkdir()
+    with pytest.raises(FmaskError, match="it is a directory"):  # checked before any work, the lock released
+        with step_output(out, command="query", step={"x": 2}, beside=(beside,)):
+            pytest.fail("a step whose output cannot be written ran")
+    assert not (out.parent / LOCK_NAME).exists()
+    writer = hold_lock(zygote, out.parent, "train", tree=False)
+    with pytest.raises(FmaskError, match=f"pid {writer}: train"):
+        with step_output(out, command="query", step={"x": 1}, on_current=reused.append):
+            pytest.fail("a second writer ran")
+    assert reused == [1]  # refused before deciding anything
+    assert zygote.wait(writer, kill_after=0)["killed"]
+
+
 # ---- A real full disk -----------------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from fmask.core import paths
 from fmask.core.atomic import atomic_write_bytes, atomic_write_json
 from fmask.core.hashing import FORMAT_VERSION, sha256_file
 from fmask.core.readers import read_json
+from fmask.core.records import Recorded, check_record
 
 SOURCES = ("initial", "oracle", "human")
 
@@ -47,32 +48,20 @@ class LabeledSet:
     data: dict
     hash: str
 
-    @property
-    def ids(self) -> list[int]:
-        return self.data["ids"]
-
-    @property
-    def labels(self) -> list[int]:
-        return self.data["labels"]
-
-    @property
-    def round(self) -> int:
-        return int(self.data["round"])
-
-    @property
-    def strategy(self) -> str:
-        return self.data.get("strategy", "initial")
-
-    @property
-    def seed(self) -> int:
-        return int(self.data.get("seed", 0))
+    # What the labeled-set JSON records:
+    ids = Recorded[list[int]]("data")
+    labels = Recorded[list[int]]("data")
+    round = Recorded[int]("data", convert=int)
+    strategy = Recorded[str]("data", default="initial")
+    seed = Recorded[int]("data", default=0, convert=int)
 
 
 def validate_labeled(data: dict, path: Path, pool) -> None:
     """Refuse a labeled set that does not belong to ``pool`` or is inconsistent."""
-    keys = ("ids", "labels", "rounds", "sources", "pool", "round")
-    if data.get("kind") != "labeled" or any(key not in data for key in keys):
-        raise FmaskError(f"{path} is not an fmask labeled set; use pool/labeled.json or a file `fmask label` wrote")
+    check_record(data, kind="labeled", keys=("ids", "labels", "rounds", "sources", "pool", "round"),
+                 newer=f"labeled set {path}",
+                 not_ours=f"{path} is not an fmask labeled set; use pool/{paths.POOL_LABELED} or a file `fmask label` "
+                          "wrote")
     ids, labels = data["ids"], data["labels"]
     if not all(isinstance(v, list) for v in (ids, labels, data["rounds"], data["sources"])) or \
             not len(ids) == len(labels) == len(data["rounds"]) == len(data["sources"]):

@@ -21,11 +21,10 @@ import io
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Optional, Sequence
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
@@ -38,7 +37,7 @@ from fmask.core import paths
 from fmask.core.device import resolve_device
 from fmask.core.errors import FmaskError
 from fmask.core.hashing import FORMAT_VERSION, sha256_file
-from fmask.core.locking import output_lock
+from fmask.core.steps import step_output
 from fmask.label import label_studio
 from fmask.label.label_studio import LS_CONTROL, LS_OBJECT, PushResult
 from fmask.pool.pool import Pool, load_pool
@@ -192,15 +191,6 @@ def manifest_csv(ids: Sequence[int], files: Sequence[str], classes: Sequence[str
     return buffer.getvalue()
 
 
-def export_file_name(sample_id: int, path: Optional[str]) -> str:
-    """``images/<sample id>_<original stem>.png`` (the stem cut to 80 characters, characters that are awkward in
-    file names and URLs replaced by _), or ``images/<sample id>.png`` without a source file."""
-    if not path:
-        return f"{paths.EXPORT_IMAGES_DIR}/{sample_id}.png"
-    stem = re.sub(r"[^\w.-]+", "_", PurePosixPath(path).stem).strip("._")[:80]
-    return f"{paths.EXPORT_IMAGES_DIR}/{sample_id}_{stem}.png" if stem else f"{paths.EXPORT_IMAGES_DIR}/{sample_id}.png"
-
-
 @dataclass
 class ExportResult:
     out: Optional[Path]  # None when the batch only went to Label Studio
@@ -313,7 +303,8 @@ def run_export(*, query: str | os.PathLike, out: Optional[str | os.PathLike] = N
         pushed = _push(batch, guesses, connection, found, live.project, progress)
         return ExportResult(None, ids, None, [], pushed)
     target = out.resolve()  # absolute, so that `--out .` and relative paths rename cleanly
-    with output_lock(target.parent, "export", outputs=(target.name,)):
+    # No step record: an existing export is refused unless --force (_check_out, run under the lock).
+    with step_output(target, command="export", step=None, writable=()):
         return _export_locked(batch, out=out, target=target, image_root=image_root, url_prefix=url_prefix,
                               columns=columns, device=device, batch_size=batch_size, force=force, live=live,
                               progress=progress)
@@ -363,7 +354,7 @@ def _push(batch: _Batch, guesses: _Guesses, connection: label_studio.LabelStudio
     classes = batch.pool.classes
     tasks = label_studio_tasks(batch.ids, [None] * len(batch.ids), classes, guesses.top_probs, guesses.top_classes,
                                guesses.model_version, batch.query_sha256, batch.sample_paths)
-    names = [export_file_name(sample_id, path).rsplit("/", 1)[1]
+    names = [paths.export_image(sample_id, path).rsplit("/", 1)[1]
              for sample_id, path in zip(batch.ids, batch.sample_paths or [None] * len(batch.ids))]
     images = [(name, png_bytes(image)) for name, image in zip(names, batch.images)]
     return label_studio.push_batch(connection=connection, project=found, title=project,
@@ -380,7 +371,7 @@ def _export_locked(batch: _Batch, *, out: Path, target: Path, image_root: Option
                          else (None, None))
     guesses = _guesses(batch, device=device, batch_size=batch_size, progress=progress)
     ids, classes = batch.ids, batch.pool.classes
-    files = [export_file_name(sample_id, path)
+    files = [paths.export_image(sample_id, path)
              for sample_id, path in zip(ids, batch.sample_paths or [None] * len(ids))]
     root = target.name if image_root is None else image_root
     urls = [image_url(file, image_root=root, url_prefix=url_prefix) for file in files]

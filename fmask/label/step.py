@@ -13,10 +13,9 @@ from typing import Optional
 
 from fmask.core.errors import FmaskError
 from fmask.core import paths
-from fmask.core.atomic import check_writable
-from fmask.core.hashing import seal_json, sha256_file, sha256_json
-from fmask.core.locking import output_lock
-from fmask.core.steps import STEP_KEY, step_is_current
+from fmask.core.hashing import sha256_file, sha256_json
+from fmask.core.readers import read_json
+from fmask.core.steps import step_output
 from fmask.label import label_studio
 from fmask.label.answers import read_answers  # noqa: F401  (re-exported: its historical home)
 from fmask.core.labeled import LabeledSet, extend_labeled, load_labeled, write_labeled
@@ -95,14 +94,16 @@ def run_label(*, query: str | os.PathLike, out: str | os.PathLike, labeled: Opti
         pulled = label_studio.pull_answers(url=url, title=project, classes=pool.classes, query_sha256=step["query"],
                                            allowed_ids=set(selected), query_name=str(query))
         step["answers"] = sha256_json(pulled.fingerprint())  # new annotations make the step stale
-    with output_lock(out.parent, "label", outputs=(out.name, paths.labeled_csv(out).name)):
-        if not force and step_is_current(out, step):
-            from fmask.core.readers import read_json
+    def reuse() -> dict:
+        current = read_json(out, what="labeled set", made_by="fmask label")
+        if not paths.labeled_csv(out).is_file():  # a run killed between the two files gets its CSV now
+            write_labeled(out, current, pool)
+        return current
 
-            current = read_json(out, what="labeled set", made_by="fmask label")
-            if not paths.labeled_csv(out).is_file():  # a run killed between the two files gets its CSV now
-                write_labeled(out, current, pool)
-            return LabelResult(out, True, 0, [], current, source, pulled)
+    with step_output(out, command="label", step=step, force=force, beside=(paths.labeled_csv(out),),
+                     on_current=reuse) as output:
+        if output.current:
+            return LabelResult(out, True, 0, [], output.recorded, source, pulled)
         if answers is not None or pulled is not None:
             sample_paths = dict(zip(pool.ids, pool.paths(pool.ids))) if pool.has_paths else None
             given = pulled.answers if pulled is not None else read_answers(Path(answers), pool.classes,
@@ -112,15 +113,12 @@ def run_label(*, query: str | os.PathLike, out: str | os.PathLike, labeled: Opti
             unanswered = [i for i in selected if i not in given]
         else:
             ids, labels, unanswered = list(selected), pool.labels(selected).tolist(), []
-        check_writable(out)
-        check_writable(paths.labeled_csv(out))
         data = extend_labeled(previous, ids, labels, round_=int(query_data["round"]), source=source,
                               strategy=query_data["strategy"], query_hash=step["query"])
         if pulled is not None:  # where each label was given: the Label Studio project and task ids
             data[LABEL_STUDIO_TASKS_KEY] = {**previous.data.get(LABEL_STUDIO_TASKS_KEY, {}), **{
                 str(i): {"url": pulled.url, "project": pulled.project, "project_id": pulled.project_id,
                          "task_ids": pulled.task_ids.get(i, [])} for i in ids}}
-        data[STEP_KEY] = step
-        data = seal_json(data)
+        data = output.sealed(data)
         write_labeled(out, data, pool)
     return LabelResult(out, False, len(ids), unanswered, data, source, pulled)

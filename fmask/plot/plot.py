@@ -366,15 +366,25 @@ def pool_classes(results_dir: Path) -> Optional[list[str]]:
     return None
 
 
-def plot_mask_profiles(results_dir: Path, path: Path) -> bool:
-    """The newest Fisher mask's per-layer profile (the paper's Fig. 2), when a run made masks."""
-    masks = sorted(results_dir.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime)
-    masks = [m for m in masks if m.name not in (paths.POOL_IMAGES,) and not m.name.endswith(".embeddings.safetensors")]
+def last_mask(results_dir: Path) -> Optional[Path]:
+    """The Fisher mask of the last round below ``results_dir``, found by its name (:func:`fmask.core.paths.chain_mask`
+    names them by round; of several chains, the last in path order); a mask whose name gives no round counts as
+    round -1. None when no mask is there."""
+    masks = [path for path in results_dir.rglob("*" + paths.SAFETENSORS_SUFFIX) if paths.is_mask(path)]
     if not masks:
+        return None
+    round_of = {path: paths.mask_round(path) for path in masks}
+    return max(masks, key=lambda path: (-1 if round_of[path] is None else round_of[path], path.parts))
+
+
+def plot_mask_profiles(results_dir: Path, path: Path) -> bool:
+    """The last round's Fisher mask's per-layer profile (the paper's Fig. 2), when a run made masks."""
+    mask = last_mask(results_dir)
+    if mask is None:
         return False
     from fmask.fisher import mask_profile_from_file, plot_mask_profile
 
-    plot_mask_profile(mask_profile_from_file(masks[-1]), path)
+    plot_mask_profile(mask_profile_from_file(mask), path)
     return True
 
 

@@ -17,17 +17,14 @@ import numpy as np
 
 from fmask.core import paths
 from fmask.core.errors import FmaskError
-from fmask.core.atomic import check_writable
 from fmask.core.hashing import sha256_file
-from fmask.core.locking import output_lock
-from fmask.core.readers import read_json
 from fmask.core.labeled import resolve_label
 from fmask.pool.cache import PixelStats, keep_rows
 from fmask.pool.decode import BAD, OK, RESIZE_MODES, SIZE, DecodeOptions, FileResult, decode_into_cache, \
     default_workers, probe_size
 from fmask.pool.files import (IMAGE_SUFFIXES, ImageFile, Skipped, csv_text, list_image_folder, list_test_set, listing_sha256,
                               parse_classes, path_order, read_images_csv, read_labels_csv)
-from fmask.pool.pool import BUILD_POOL, POOL_OUTPUTS, BuildPoolResult, finish_pool, pool_is_current, staged_pool
+from fmask.pool.pool import BuildPoolResult, finish_pool, pool_step, staged_pool
 from fmask.core.progress import ProgressFn
 
 
@@ -132,13 +129,9 @@ def build_image_pool(*, images: Path, out: Path, labels: Optional[str | os.PathL
             "test": str(Path(test).resolve()) if test is not None else None,
             "test_listing": listing_sha256(test_files), "image_size": image_size,
             "resize": options.resize if options else None, "channels": channels, "strict": strict}
-    with output_lock(out, "build-pool", outputs=POOL_OUTPUTS):
-        if not force and pool_is_current(out, step):
-            manifest = read_json(paths.pool_manifest(out), what="pool manifest", made_by=BUILD_POOL)
-            return BuildPoolResult(out, True, manifest["class_counts"], len(manifest["ids"]),
-                                   len(manifest["test_ids"]), manifest["initial"])
-        for name in POOL_OUTPUTS:
-            check_writable(paths.pool_file(out, name))
+    with pool_step(out, step, force=force) as output:
+        if output.current:
+            return output.recorded
         if options is None:
             probed = probe_size([f.file for f in files], channels)
             if probed is None:

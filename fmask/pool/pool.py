@@ -16,11 +16,11 @@ import torch
 
 from fmask.core import paths
 from fmask.core.errors import FmaskError
-from fmask.core.atomic import atomic_path, check_writable
+from fmask.core.atomic import atomic_path
 from fmask.core.hashing import FORMAT_VERSION, json_bytes, seal_json, sha256_file, sha256_json
-from fmask.core.locking import output_lock
 from fmask.core.readers import read_json
-from fmask.core.steps import STEP_KEY, step_is_current
+from fmask.core.records import Recorded, check_record
+from fmask.core.steps import STEP_KEY, StepOutput, step_is_current, step_output
 from fmask.pool.cache import PixelStats, create_rows, open_rows
 from fmask.pool.datasets import open_dataset
 from fmask.core.progress import ProgressFn
@@ -32,10 +32,7 @@ SETTINGS = {
 }
 BUILD_POOL = "fmask build-pool"
 ROWS_PER_CHUNK = 2048  # images read from a dataset and written to the cache at a time
-# Every file a pool directory may hold, in the order a build publishes them (the manifest last: a manifest means
-# the pool is complete).
-POOL_OUTPUTS = (*paths.POOL_CACHE, paths.POOL_SAMPLES_CSV, paths.POOL_SKIPPED_CSV, paths.POOL_DUPLICATES_CSV,
-                paths.labeled_csv(paths.POOL_LABELED).name, paths.POOL_LABELED, paths.POOL_MANIFEST)
+POOL_OUTPUTS = paths.POOL_OUTPUTS  # every file a pool directory may hold, in publish order
 
 
 def parse_class_counts(text: str) -> list[int]:
@@ -113,10 +110,12 @@ def build_dataset_pool(*, dataset: str, out: str | os.PathLike, root: str | os.P
             "initial": initial, "seed": seed, "test_per_class": test_per_class}
     if out.exists() and not out.is_dir():
         raise FmaskError(f"--out {out} is a file; give a directory for the pool")
-    with output_lock(out, "build-pool", outputs=POOL_OUTPUTS):
+    with pool_step(out, step, force=force) as output:
+        if output.current:
+            return output.recorded
         return _build_pool_locked(out=out, step=step, dataset=dataset, root=Path(root), download=download,
                                   class_counts=class_counts, initial=initial, seed=seed,
-                                  test_per_class=test_per_class, setting=setting, force=force, progress=progress)
+                                  test_per_class=test_per_class, setting=setting, progress=progress)
 
 
 def pool_is_current(out: Path, step: dict) -> bool:
@@ -125,18 +124,26 @@ def pool_is_current(out: Path, step: dict) -> bool:
         all(paths.pool_file(out, name).is_file() for name in (*paths.POOL_CACHE, paths.POOL_LABELED))
 
 
-def _build_pool_locked(*, out: Path, step: dict, dataset: str, root: Path, download: bool,
-                       class_counts: Optional[Sequence[int]], initial: int, seed: int,
-                       test_per_class: Optional[int], setting: str, force: bool,
-                       progress: Optional[ProgressFn]) -> BuildPoolResult:
-    """build_dataset_pool's work, done while holding the lock of ``out``."""
-    if not force and pool_is_current(out, step):
+@contextmanager
+def pool_step(out: Path, step: dict, *, force: bool) -> Iterator[StepOutput[BuildPoolResult]]:
+    """:func:`fmask.core.steps.step_output` for a pool directory: the manifest records the step (published last),
+    the pool is current when its every file is there too, and a current pool gives its BuildPoolResult."""
+    def reuse() -> BuildPoolResult:
         manifest = read_json(paths.pool_manifest(out), what="pool manifest", made_by=BUILD_POOL)
         return BuildPoolResult(out, True, manifest["class_counts"], len(manifest["ids"]), len(manifest["test_ids"]),
-                               initial)
-    for name in POOL_OUTPUTS:
-        check_writable(paths.pool_file(out, name))
+                               manifest["initial"])
 
+    with step_output(paths.pool_manifest(out), command="build-pool", step=step, force=force,
+                     beside=[paths.pool_file(out, name) for name in POOL_OUTPUTS if name != paths.POOL_MANIFEST],
+                     is_current=lambda: pool_is_current(out, step), on_current=reuse) as output:
+        yield output
+
+
+def _build_pool_locked(*, out: Path, step: dict, dataset: str, root: Path, download: bool,
+                       class_counts: Optional[Sequence[int]], initial: int, seed: int,
+                       test_per_class: Optional[int], setting: str,
+                       progress: Optional[ProgressFn]) -> BuildPoolResult:
+    """build_dataset_pool's work, done while holding the lock of ``out``."""
     source = open_dataset(dataset, root=root, download=download)
     n_classes_available = len(source.classes)
     counts = list(class_counts) if class_counts else [int((source.train_labels == c).sum()) for c in range(n_classes_available)]
@@ -279,30 +286,17 @@ class Pool:
     _row: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.int64))  # sample id -> cache row
     _paths: Optional[list[str]] = field(repr=False, default=None)
 
-    @property
-    def ids(self) -> list[int]:
-        return self.manifest["ids"]
-
-    @property
-    def hash(self) -> str:
-        return self.manifest["hash"]
-
-    @property
-    def classes(self) -> list[str]:
-        return self.manifest["classes"]
+    # What the manifest records:
+    ids = Recorded[list[int]]("manifest")
+    hash = Recorded[str]("manifest")
+    classes = Recorded[list[str]]("manifest")
+    image_shape = Recorded[tuple[int, int, int]]("manifest", convert=tuple)
+    # True for benchmark pools, whose every label is known (the simulated oracle can label them).
+    ground_truth = Recorded[bool]("manifest", default=True, convert=bool)
 
     @property
     def num_classes(self) -> int:
-        return len(self.manifest["classes"])
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.manifest["image_shape"])
-
-    @property
-    def ground_truth(self) -> bool:
-        """True for benchmark pools, whose every label is known (the simulated oracle can label them)."""
-        return bool(self.manifest.get("ground_truth", True))
+        return len(self.classes)
 
     @property
     def has_test_set(self) -> bool:
@@ -359,9 +353,11 @@ class Pool:
         """uint8 (n, C, H, W) -> the float input the model takes (on the images' device)."""
         return (images.float() / 255.0 - self.mean.to(images.device)) / self.std.to(images.device)
 
-    def inputs(self, ids: Sequence[int]) -> torch.Tensor:
-        """Exactly the normalised float inputs (n, C, H, W) that the fisher and query steps feed the model."""
-        return self.normalize(self.images(ids))
+    def inputs(self, ids: Sequence[int], device: Optional[torch.device] = None) -> torch.Tensor:
+        """Exactly the normalised float inputs (n, C, H, W) that the fisher and query steps feed the model; with
+        ``device``, the uint8 rows move there and are normalised there (a quarter of the bytes to copy)."""
+        images = self.images(ids)
+        return self.normalize(images if device is None else images.to(device, non_blocking=True))
 
 
 def read_sample_paths(pool_dir: Path, count: int) -> list[str]:
@@ -395,15 +391,14 @@ def load_pool(pool_dir: str | os.PathLike) -> Pool:
     if not pool_dir.is_dir():
         raise FmaskError(f"pool directory {pool_dir} does not exist; run `{BUILD_POOL} --out {pool_dir}` first")
     manifest = read_json(paths.pool_manifest(pool_dir), what="pool manifest", made_by=BUILD_POOL)
-    if manifest.get("format", 0) > FORMAT_VERSION:
-        raise FmaskError(f"pool {pool_dir} was written by a newer fmask (format {manifest['format']}); upgrade fmask")
     if manifest.get("kind") == "pool" and "images_sha256" in manifest and "cache_sha256" not in manifest:
         raise FmaskError(f"pool {pool_dir} was built by an older fmask (a safetensors image cache); rebuild it with "
                          f"`{BUILD_POOL} --force` and the same options")
-    required = ("kind", "ids", "test_ids", "classes", "hash", "cache_sha256", "normalization", "image_shape")
-    if manifest.get("kind") != "pool" or any(key not in manifest for key in required) or \
-            not isinstance(manifest["cache_sha256"], dict):
-        raise FmaskError(f"{paths.pool_manifest(pool_dir)} is not an fmask pool manifest; rerun `{BUILD_POOL}`")
+    not_ours = f"{paths.pool_manifest(pool_dir)} is not an fmask pool manifest; rerun `{BUILD_POOL}`"
+    check_record(manifest, kind="pool", keys=("ids", "test_ids", "classes", "hash", "cache_sha256", "normalization",
+                                              "image_shape"), newer=f"pool {pool_dir}", not_ours=not_ours)
+    if not isinstance(manifest["cache_sha256"], dict):
+        raise FmaskError(not_ours)
     for name in paths.POOL_CACHE:
         cache_file = paths.pool_file(pool_dir, name)
         if not cache_file.is_file():

@@ -17,8 +17,8 @@ from torch import nn
 from fmask.core import paths
 from fmask.core.device import resolve_device
 from fmask.core.errors import FmaskError
-from fmask.core.atomic import atomic_write_bytes, check_writable
-from fmask.core.locking import output_lock
+from fmask.core.atomic import atomic_write_bytes
+from fmask.core.steps import step_output
 from fmask.core.progress import ProgressFn
 
 PREDICT = "fmask predict"
@@ -82,8 +82,7 @@ def run_predict(*, ckpt: str | os.PathLike, out: str | os.PathLike, pool_dir: Op
     checkpoint = load_checkpoint(ckpt)
     classes = checkpoint.state.get("classes")
     torch_device = resolve_device(device)
-    with output_lock(out.parent, "predict", outputs=(out.name, paths.skipped_csv_beside(out).name)):
-        check_writable(out)
+    with step_output(out, command="predict", step=None, beside=(paths.skipped_csv_beside(out),)):
         if images is None:
             from fmask.pool.pool import load_pool
 
@@ -122,7 +121,7 @@ def _predict_files(checkpoint, images: Path, out: Path, classes: Optional[list[s
     options = DecodeOptions((height, width), decoding.get("resize") or "crop", channels)
     workers = workers or default_workers()
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent) as scratch:
-        cache = Path(scratch) / "images.npy"
+        cache = Path(scratch) / paths.POOL_IMAGES  # decoded like a pool's image cache
         results = decode_into_cache([f.file for f in files], cache, options, workers=workers, progress=progress,
                                     what="decoding images")
         good = [i for i, result in enumerate(results) if result.status == OK]

@@ -22,6 +22,9 @@ from fmask.core.progress import ProgressFn
 
 @dataclass
 class Selection:
+    """What a strategy picked: ``ids`` in selection order (sample ids; positions for a tensor pool in
+    :func:`fmask.select`), ``scores[i]`` the score ``ids[i]`` had when it was picked."""
+
     ids: list[int]  # sample ids, in selection order
     scores: list[float]  # the score each id had when it was picked (strategy-specific meaning)
     details: dict[str, Any] = field(default_factory=dict)  # choices worth recording in the query file
@@ -31,7 +34,8 @@ class Selection:
 class QueryContext:
     model: Optional[nn.Module]  # eval mode, on ``device``; has forward_features(x) and head (nn.Linear); None for
     # strategies that use no model (``needs_model = False``)
-    pool: Any  # fmask.pool.Pool: pool.inputs(ids) -> normalized float tensor (n, C, H, W)
+    pool: Any  # fmask.pool.pool.Pool, fmask.train.features.FeaturePool or fmask.pool.tensor.TensorPool:
+    # pool.inputs(ids, device) -> what the model takes (normalised images (n, C, H, W) or features (n, E))
     labeled_ids: list[int]
     unlabeled_ids: list[int]  # the candidates, ascending sample ids
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -59,20 +63,15 @@ class QueryContext:
             # auto | bf16 | fp16 trade that for speed on GPUs.
             precision = resolve_precision(self.options.get("precision", "fp32"), self.device)
             memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
-            # Pools with a uint8 cache: each batch's rows are read from the memory-mapped cache (never the whole
-            # pool in host memory), moved to the device as uint8 and normalised there.
-            uint8 = hasattr(self.pool, "images") and hasattr(self.pool, "normalize")
             # Results go into tensors allocated once: small per-batch pieces kept until the end would sit between
             # the freed batch buffers and fragment the heap, which then grows with the pool.
             logits = torch.empty(len(ids), self.model.head.out_features)
             feats = torch.empty(len(ids), self.model.head.in_features)
             for start in range(0, len(ids), self.batch_size):
                 stop = min(start + self.batch_size, len(ids))
-                if uint8:
-                    batch = self.pool.images(ids[start:stop])
-                    x = self.pool.normalize(batch.to(self.device, non_blocking=True))
-                else:
-                    x = self.pool.inputs(ids[start:stop]).to(self.device)
+                # A built pool reads each batch's rows from its memory-mapped uint8 cache (never the whole pool in
+                # host memory) and normalises them on the device.
+                x = self.pool.inputs(ids[start:stop], self.device)
                 if x.dim() == 4:  # images (cached backbone features are (n, E))
                     x = x.contiguous(memory_format=memory_format)
                 with autocast(precision, self.device):

@@ -10,13 +10,14 @@ the model's device: the passes are reproducible, and dropout is active in them a
 
 from __future__ import annotations
 
-from typing import Optional
+from abc import abstractmethod
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from fmask.core.errors import FmaskError
-from fmask.query.base import QueryContext, read_option
+from fmask.query.base import QueryContext, Selection, Strategy, read_option, require_labeled
 from fmask.core.progress import ProgressFn
 from fmask.train.models import head_dropout_rate
 
@@ -72,3 +73,27 @@ def candidate_log_probs(ctx: QueryContext, strategy: str) -> torch.Tensor:
         ctx._cache[key] = mc_dropout_log_probs(features, ctx.model.head, rate, samples, generator=generator,
                                                progress=ctx.progress)
     return ctx._cache[key]
+
+
+class McDropoutStrategy(Strategy):
+    """A strategy scoring the candidates from MC dropout passes (BALD, BatchBALD): it needs a head trained on labels
+    and a model trained with dropout before its head; both are refused before any pass runs."""
+
+    needs_labels = True
+    needs_mc_dropout = True
+
+    def select(self, ctx: QueryContext, batch: int) -> Selection:
+        require_labeled(ctx, self.name)
+        from fmask.query.strategies.kcenter import check_batch  # here: see fmask.query.coverage
+
+        check_batch(ctx, batch)
+        settings = self.settings(ctx)  # options are refused before the passes run
+        return self.pick(ctx, candidate_log_probs(ctx, self.name), batch, **settings)
+
+    def settings(self, ctx: QueryContext) -> dict[str, Any]:
+        """The strategy's own options read from ``ctx.options``, passed to ``pick`` as keywords."""
+        return {}
+
+    @abstractmethod
+    def pick(self, ctx: QueryContext, log_probs: torch.Tensor, batch: int, **settings: Any) -> Selection:
+        """The selection from ``log_probs`` (N, S, C) of the candidates."""

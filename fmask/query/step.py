@@ -8,23 +8,22 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from fmask import __version__
-from fmask.core import distributed, paths
+from fmask.core import paths
 from fmask.core.device import memory_budget, resolve_device
 from fmask.core.errors import FmaskError
 from fmask.core.labeled import LabeledPool, open_labeled_pool
-from fmask.core.atomic import atomic_write_bytes, atomic_write_json, check_writable
-from fmask.core.hashing import FORMAT_VERSION, seal_json, sha256_file
-from fmask.core.locking import output_lock
+from fmask.core.atomic import atomic_write_bytes, atomic_write_json
+from fmask.core.hashing import FORMAT_VERSION, sha256_file
 from fmask.core.readers import read_json
-from fmask.core.steps import STEP_KEY, step_is_current
+from fmask.core.records import check_record
+from fmask.core.steps import step_output
 from fmask.core.numerics import deterministic_enabled, exact_float32
-from fmask.query.base import QueryContext, read_option
+from fmask.query.base import QueryContext, Selection, Strategy, read_option
 from fmask.core.progress import ProgressFn
 from fmask.query.registry import get_strategy, list_strategies
 from fmask.train.checkpoint import open_round
@@ -36,7 +35,13 @@ QUERY = "fmask query"
 class QueryResult:
     out: Path
     skipped: bool
-    data: dict
+    data: dict  # the query file's content
+
+    @property
+    def selection(self) -> Selection:
+        """The selected sample ids, their scores and the strategy's recorded choices, typed."""
+        return Selection(ids=list(self.data["selected"]), scores=list(self.data["scores"]),
+                         details=dict(self.data.get("details") or {}))
 
 
 def check_selection(selected: list[int], candidates: list[int], batch: int, strategy: str) -> None:
@@ -44,6 +49,37 @@ def check_selection(selected: list[int], candidates: list[int], batch: int, stra
     candidate_set = set(candidates)
     if len(selected) != batch or len(set(selected)) != batch or not all(i in candidate_set for i in selected):
         raise RuntimeError(f"strategy {strategy!r} broke the selection contract: {len(selected)} ids for batch {batch}")
+
+
+def strategy_for_batch(strategy: str, batch: int, *, batch_name: str = "--batch") -> Strategy:
+    """The registered ``strategy``, once ``batch`` (given as ``batch_name``) is known to be positive."""
+    chosen = get_strategy(strategy)
+    if batch <= 0:
+        raise FmaskError(f"{batch_name} {batch} must be positive")
+    return chosen
+
+
+def check_batch_fits(batch: int, candidates: list[int], *, batch_name: str = "--batch") -> None:
+    if batch > len(candidates):
+        raise FmaskError(f"{batch_name} {batch} is larger than the unlabeled pool ({len(candidates)} samples); "
+                         f"lower {batch_name}")
+
+
+@exact_float32()  # scores rank candidates by small differences: no TF32 (see fmask.core.numerics)
+def run_strategy(chosen: Strategy, context: QueryContext, batch: int, *, model_name: str) -> tuple[Selection, float]:
+    """``chosen.select`` on ``context`` within the memory budget (option memory_limit), held to the selection
+    contract and refused when it scores NaN (``model_name`` names the model in that message); returns the
+    selection and the seconds it took. ``fmask query`` and :func:`fmask.select` both select through here."""
+    started = time.perf_counter()
+    with memory_budget(read_option(context.options, "memory_limit", int, None)):  # --memory-limit: every plan uses it
+        selection = chosen.select(context, batch)
+    seconds = time.perf_counter() - started
+    check_selection(selection.ids, context.unlabeled_ids, batch, chosen.name)
+    if any(math.isnan(float(score)) for score in selection.scores):
+        # NaN ranks nothing: the ids would be arbitrary, so no query is written (±inf is a valid score).
+        raise FmaskError(f"strategy {chosen.name!r} scored candidates NaN ({model_name} gives non-finite outputs "
+                         "on this pool); nothing was written; retrain it with `fmask train`")
+    return selection, seconds
 
 
 def query_csv_text(data: dict) -> str:
@@ -93,9 +129,7 @@ def run_query(*, ckpt: Optional[str | os.PathLike], out: str | os.PathLike, stra
     replaces the backbone file it records."""
     # Unset options (None) mean "the strategy's default" and are not recorded.
     out, options = Path(out), {k: v for k, v in (options or {}).items() if v is not None}
-    chosen = get_strategy(strategy)
-    if batch <= 0:
-        raise FmaskError(f"--batch {batch} must be positive")
+    chosen = strategy_for_batch(strategy, batch)
     if paths.query_csv(out) == out:
         raise FmaskError(f"--out {out} must not end in .csv: the CSV list is written beside the JSON; give a .json path")
     if ckpt is None:
@@ -116,8 +150,7 @@ def run_query(*, ckpt: Optional[str | os.PathLike], out: str | os.PathLike, stra
         opened = open_round(ckpt, pool_dir=pool_dir, labeled=labeled, weights=weights)
     checkpoint, pool, pool_dir = opened.checkpoint, opened.pool, opened.pool_dir
     labeled_path, labeled_set, candidates = opened.labeled_path, opened.labeled_set, opened.unlabeled_ids
-    if batch > len(candidates):
-        raise FmaskError(f"--batch {batch} is larger than the unlabeled pool ({len(candidates)} samples); lower --batch")
+    check_batch_fits(batch, candidates)
     mask_file, mask_hash = None, None
     if mask is not None and checkpoint is None:
         raise FmaskError("--mask comes from `fmask fisher` on a checkpoint; a cold start without --ckpt takes none")
@@ -137,23 +170,18 @@ def run_query(*, ckpt: Optional[str | os.PathLike], out: str | os.PathLike, stra
     step = {"inputs": inputs, "strategy": strategy, "batch": batch, "seed": seed, "options": options}
     if deterministic_enabled():
         step["deterministic"] = True
-    # Under torchrun every rank runs the strategy (the Fisher-greedy ones shard their work); rank 0 alone locks,
-    # decides whether the output is current and writes it. Single-process, main_decides just calls the function.
-    with ExitStack() as held:
-        def lock_and_check() -> Optional[dict]:
-            held.enter_context(output_lock(out.parent, "query", outputs=(out.name, paths.query_csv(out).name)))
-            if not force and step_is_current(out, step):
-                current = read_json(out, what="query", made_by=QUERY)
-                if not paths.query_csv(out).is_file():  # a run killed between the two files gets its CSV now
-                    atomic_write_bytes(paths.query_csv(out), query_csv_text(current).encode())
-                return current
-            check_writable(out)
-            check_writable(paths.query_csv(out))
-            return None
+    def reuse() -> dict:
+        current = read_json(out, what="query", made_by=QUERY)
+        if not paths.query_csv(out).is_file():  # a run killed between the two files gets its CSV now
+            atomic_write_bytes(paths.query_csv(out), query_csv_text(current).encode())
+        return current
 
-        current = distributed.main_decides(lock_and_check)
-        if current is not None:
-            return QueryResult(out, True, current)
+    # Under torchrun every rank runs the strategy (the Fisher-greedy ones shard their work); rank 0 alone locks,
+    # decides whether the output is current and writes it.
+    with step_output(out, command="query", step=step, force=force, beside=(paths.query_csv(out),),
+                     on_current=reuse) as output:
+        if output.current:
+            return QueryResult(out, True, output.recorded)
 
         torch_device = resolve_device(device)
         # A head checkpoint or a cold start: the head alone on the pool's cached backbone features (no model at
@@ -163,37 +191,27 @@ def run_query(*, ckpt: Optional[str | os.PathLike], out: str | os.PathLike, stra
                                pool=strategy_pool,
                                labeled_ids=list(labeled_set.ids), unlabeled_ids=candidates, device=torch_device,
                                seed=seed, mask=mask_file, options=options, batch_size=batch_size, progress=progress)
-        started = time.perf_counter()
-        with memory_budget(read_option(options, "memory_limit", int, None)):  # --memory-limit: every plan uses it
-            selection = chosen.select(context, batch)
-        seconds = time.perf_counter() - started
-        check_selection(selection.ids, candidates, batch, strategy)
-        if any(math.isnan(float(score)) for score in selection.scores):
-            # NaN ranks nothing: the ids would be arbitrary, so no query is written (±inf is a valid score).
-            raise FmaskError(f"strategy {strategy!r} scored candidates NaN (checkpoint {ckpt} gives non-finite outputs "
-                             "on this pool); nothing was written; retrain it with `fmask train`")
+        selection, seconds = run_strategy(chosen, context, batch, model_name=f"checkpoint {ckpt}")
         selected = [int(i) for i in selection.ids]
-        data = seal_json({
+        data = output.sealed({
             "format": FORMAT_VERSION, "kind": "query", "fmask_version": __version__, "strategy": strategy,
             "batch": batch, "seed": seed, "round": labeled_set.round + 1, "selected": selected,
             "selected_paths": pool.paths(selected) if pool.has_paths else None,
             "scores": [float(s) for s in selection.scores], "seconds": seconds, "options": options,
             "details": selection.details,
             "inputs": inputs, "checkpoint_path": str(Path(ckpt).resolve()) if ckpt is not None else None,
-            "pool_dir": str(pool_dir.resolve()), "labeled_path": str(labeled_path.resolve()), STEP_KEY: step,
+            "pool_dir": str(pool_dir.resolve()), "labeled_path": str(labeled_path.resolve()),
         })
-        if distributed.is_main():
+        if output.writes:
             atomic_write_bytes(paths.query_csv(out), query_csv_text(data).encode())
             atomic_write_json(out, data)  # last: a current query means its CSV is complete too
-        distributed.barrier()  # the query exists on disk before any rank returns
     return QueryResult(out, False, data)
 
 
 def load_query(path: str | os.PathLike) -> dict:
     data = read_json(path, what="query", made_by=QUERY)
-    keys = ("selected", "strategy", "round", "inputs", "pool_dir", "labeled_path")
-    if data.get("kind") != "query" or any(key not in data for key in keys):
-        raise FmaskError(f"{path} is not an fmask query file; pass the JSON `{QUERY}` wrote")
+    check_record(data, kind="query", keys=("selected", "strategy", "round", "inputs", "pool_dir", "labeled_path"),
+                 newer=f"query {path}", not_ours=f"{path} is not an fmask query file; pass the JSON `{QUERY}` wrote")
     selected = data["selected"]
     if not isinstance(selected, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in selected):
         raise FmaskError(f"query {path}: 'selected' must be a list of sample ids; rerun `{QUERY}`")

@@ -4,7 +4,7 @@ Every step writes atomically and skips itself when its output already exists wit
 killed at any moment (Ctrl-C, SIGKILL, power loss) resumes where it stopped when the same command is given
 again, and ends with the same results as an uninterrupted run (training and queries are seeded).
 
-Layout (what ``fmask plot`` reads):
+Layout (named by fmask.core.paths, which ``fmask plot`` reads back):
     OUT/experiment.json                 the configuration
     OUT/timings.csv                     seconds per executed step
     OUT/seed{S}/pool/                   the pool and its round-0 labeled set
@@ -222,8 +222,7 @@ def _run_locked(out: Path, config: ExperimentConfig, progress: Optional[Progress
         return result
 
     for seed in config.seeds:
-        seed_dir = out / f"seed{seed}"
-        pool_dir = seed_dir / "pool"
+        pool_dir = paths.run_pool(out, seed)
         timed("build-pool", "-", seed, 0, lambda: build_pool(
             dataset=config.dataset, out=pool_dir, root=config.root, setting=config.setting,
             class_counts=config.class_counts, initial=config.initial, seed=seed,
@@ -232,44 +231,44 @@ def _run_locked(out: Path, config: ExperimentConfig, progress: Optional[Progress
             check_mask_sparsity(config, load_pool(pool_dir))  # before any training, not at the first query
         train_config = TrainConfig(model=config.model, max_epochs=config.epochs, batch_size=config.train_batch_size,
                                    target_train_accuracy=config.target_train_accuracy, seed=seed)
-        round0s = {0.0: seed_dir / "round0.pt"}
+        round0s = {0.0: paths.run_round0(out, seed)}
         if any(get_strategy(name).needs_mc_dropout for name in config.strategies):
-            round0s[MC_DROPOUT] = seed_dir / "round0-mc-dropout.pt"
+            round0s[MC_DROPOUT] = paths.run_round0(out, seed, mc_dropout=True)
         for dropout, round0 in round0s.items():
             timed("train", "-", seed, 0, lambda: train(pool_dir=pool_dir, labeled=paths.pool_labeled(pool_dir),
                                                        out=round0, config=replace(train_config, mc_dropout=dropout),
                                                        device=config.device, progress=progress))
         for strategy in config.strategies:
-            chain = seed_dir / strategy
+            chain = paths.run_chain(out, seed, strategy)
             chain.mkdir(parents=True, exist_ok=True)
             chosen = get_strategy(strategy)
             dropout = MC_DROPOUT if chosen.needs_mc_dropout else 0.0
             chain_config = replace(train_config, mc_dropout=dropout)
-            adopt_checkpoint(round0s[dropout], chain / "round0.pt")
+            adopt_checkpoint(round0s[dropout], paths.chain_checkpoint(chain, 0))
             needs_mask = chosen.needs_mask
             # The variant the mask records (fmask query follows it); named variants pin theirs.
             variant = {"embedding_rows": config.embedding_rows, "m0": config.m0, **getattr(chosen, "pinned", {})}
             for round_ in range(config.rounds):
                 if on_step:
                     on_step(f"seed {seed} · {strategy} · round {round_ + 1}/{config.rounds}", done, total)
-                checkpoint = chain / f"round{round_}.pt"
+                checkpoint = paths.chain_checkpoint(chain, round_)
                 mask = None
                 if needs_mask:
                     from fmask.fisher import run_fisher
 
-                    mask = chain / f"fisher{round_}.safetensors"
+                    mask = paths.chain_mask(chain, round_)
                     timed("fisher", strategy, seed, round_ + 1, lambda: run_fisher(
                         ckpt=checkpoint, out=mask, sparsity=config.sparsity, device=config.device, progress=progress,
                         **variant))
-                query = chain / f"query{round_}.json"
+                query = paths.chain_query(chain, round_)
                 timed("query", strategy, seed, round_ + 1, lambda: run_query(
                     ckpt=checkpoint, out=query, strategy=strategy, batch=config.batch, mask=mask, seed=seed,
                     device=config.device, options=config.query_options, progress=progress))
-                labeled = chain / f"labeled{round_ + 1}.json"
+                labeled = paths.chain_labeled(chain, round_ + 1)
                 timed("label", strategy, seed, round_ + 1, lambda: run_label(query=query, out=labeled))
                 timed("train", strategy, seed, round_ + 1, lambda: train(
-                    pool_dir=pool_dir, labeled=labeled, out=chain / f"round{round_ + 1}.pt", config=chain_config,
-                    device=config.device, progress=progress))
+                    pool_dir=pool_dir, labeled=labeled, out=paths.chain_checkpoint(chain, round_ + 1),
+                    config=chain_config, device=config.device, progress=progress))
                 done += 1
     if on_step:
         on_step("done", done, total)

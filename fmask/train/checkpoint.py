@@ -17,6 +17,7 @@ from fmask.core.labeled import LabeledPool, open_labeled_pool
 from fmask.core.atomic import atomic_torch_save
 from fmask.core.hashing import FORMAT_VERSION, sha256_file
 from fmask.core.readers import read_torch
+from fmask.core.records import Recorded, check_record
 from fmask.core.steps import STEP_KEY
 from fmask.train.models import build_model, set_head_dropout
 
@@ -65,38 +66,16 @@ class Checkpoint:
     model: nn.Module  # eval mode, on CPU
     backbone: Any = None  # fmask.train.pretrained.Backbone of a --finetune head checkpoint (its weights verified)
 
-    @property
-    def arch(self) -> str:
-        return self.state["arch"]
-
-    @property
-    def metrics(self) -> dict:
-        return self.state["metrics"]
-
-    @property
-    def pool_dir(self) -> str:
-        return self.state["pool_dir"]
-
-    @property
-    def pool_hash(self) -> str:
-        return self.state["pool_hash"]
-
-    @property
-    def labeled_path(self) -> str:
-        return self.state["labeled_path"]
-
-    @property
-    def labeled_hash(self) -> str:
-        return self.state["labeled_hash"]
-
-    @property
-    def labeled_ids(self) -> list[int]:
-        return self.state["labeled_ids"]
-
-    @property
-    def finetune(self) -> str:
-        """``full`` (the checkpoint holds every weight) or ``head`` (a head on a frozen backbone file)."""
-        return self.state.get("finetune", "full")
+    # What the checkpoint records (its state dict's keys):
+    arch = Recorded[str]("state")
+    metrics = Recorded[dict]("state")
+    pool_dir = Recorded[str]("state")
+    pool_hash = Recorded[str]("state")
+    labeled_path = Recorded[str]("state")
+    labeled_hash = Recorded[str]("state")
+    labeled_ids = Recorded[list[int]]("state")
+    # ``full`` (the checkpoint holds every weight) or ``head`` (a head on a frozen backbone file).
+    finetune = Recorded[str]("state", default="full")
 
 
 REQUIRED = ("kind", "arch", "in_channels", "num_classes", "state_dict", "pool_hash", "pool_dir", "labeled_hash",
@@ -108,10 +87,8 @@ def load_checkpoint(path: str | os.PathLike, *, weights: Optional[str | os.PathL
     backbone comes from the weights file it records (or ``weights``), refused when its sha256 differs."""
     path = Path(path)
     state = read_torch(path, what="checkpoint", made_by=TRAIN)
-    if state.get("kind") != "checkpoint" or any(key not in state for key in REQUIRED):
-        raise FmaskError(f"{path} is not an fmask checkpoint; pass a .pt written by `{TRAIN}`")
-    if state.get("format", 0) > FORMAT_VERSION:
-        raise FmaskError(f"checkpoint {path} was written by a newer fmask (format {state['format']}); upgrade fmask")
+    check_record(state, kind="checkpoint", keys=REQUIRED, newer=f"checkpoint {path}",
+                 not_ours=f"{path} is not an fmask checkpoint; pass a .pt written by `{TRAIN}`")
     state_dict = state["state_dict"]
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise FmaskError(f"checkpoint {path} has a malformed state_dict; retrain with `{TRAIN}`")

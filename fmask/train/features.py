@@ -15,14 +15,13 @@ import torch
 from torch import nn
 
 import fmask
-from fmask.core import paths
+from fmask.core import distributed, paths
 from fmask.core.errors import FmaskError
 from fmask.core.labeled import LabeledPool, open_labeled_pool
-from fmask.core.atomic import atomic_save_safetensors, check_writable
+from fmask.core.atomic import atomic_save_safetensors
 from fmask.core.hashing import FORMAT_VERSION, sha256_json
-from fmask.core.locking import output_lock
 from fmask.core.readers import mmap_safetensors
-from fmask.core.steps import STEP_KEY, step_is_current
+from fmask.core.steps import STEP_KEY, step_is_current, step_output
 from fmask.core.progress import ProgressFn
 from fmask.train.models import HeadOnly, head_dropout_rate, set_head_dropout
 from fmask.train.pretrained import Backbone
@@ -50,28 +49,28 @@ def pool_features(pool: Any, backbone: Backbone, *, device: torch.device, batch_
     step = {"pool": pool.hash, **backbone.features_step}
     path = paths.feature_cache(pool.dir, sha256_json(step))
     cached = _read_cache(path, step, pool)
-    if cached is not None:  # reading needs no lock (nor a writable pool directory)
+    # Reading needs no lock (nor a writable pool directory). Under torchrun every rank asks (a cold-start query):
+    # the ranks decide together below, where the main rank computes and the others read after it.
+    if cached is not None and not distributed.is_distributed():
         return cached
-    with output_lock(path.parent, "features", outputs=(path.name,)):
-        cached = _read_cache(path, step, pool)
-        if cached is not None:  # written meanwhile by another command
-            return cached
-        check_writable(path)
-        model = (build() if build is not None else backbone.build(pool)).to(device).eval()
-        # The memory-mapped caches themselves (rows in id order), read a batch at a time: no copy of the pool.
-        train = backbone_features(model, pool, pool.all_images, device=device, batch_size=batch_size,
-                                  progress=progress, task="backbone features (pool)")
-        test = backbone_features(model, pool, pool.test_images, device=device, batch_size=batch_size,
-                                 progress=progress, task="backbone features (test)")
-        tensors = {"train": train, "test": test, "train_ids": torch.tensor(pool.ids, dtype=torch.int64)}
-        metadata = {"format": str(FORMAT_VERSION), "kind": FEATURES_KIND, "fmask_version": fmask.__version__,
-                    "pool": pool.hash, "model": backbone.model, "weights": backbone.weights.sha256,
-                    "preprocessing": json.dumps(backbone.preprocessing), STEP_KEY: json.dumps(step)}
-        atomic_save_safetensors(path, tensors, metadata)
-        cached = _read_cache(path, step, pool)
-        if cached is None:
-            raise FmaskError(f"the feature cache {path} could not be read back after writing it; check the disk")
-        return PoolFeatures(path, cached.train, cached.test, computed=True)
+    with step_output(path, command="features", step=step,
+                     is_current=lambda: _read_cache(path, step, pool) is not None) as output:  # written meanwhile?
+        if not output.current and output.writes:
+            model = (build() if build is not None else backbone.build(pool)).to(device).eval()
+            # The memory-mapped caches themselves (rows in id order), read a batch at a time: no copy of the pool.
+            train = backbone_features(model, pool, pool.all_images, device=device, batch_size=batch_size,
+                                      progress=progress, task="backbone features (pool)")
+            test = backbone_features(model, pool, pool.test_images, device=device, batch_size=batch_size,
+                                     progress=progress, task="backbone features (test)")
+            tensors = {"train": train, "test": test, "train_ids": torch.tensor(pool.ids, dtype=torch.int64)}
+            metadata = {"format": str(FORMAT_VERSION), "kind": FEATURES_KIND, "fmask_version": fmask.__version__,
+                        "pool": pool.hash, "model": backbone.model, "weights": backbone.weights.sha256,
+                        "preprocessing": json.dumps(backbone.preprocessing), STEP_KEY: json.dumps(step)}
+            atomic_save_safetensors(path, tensors, metadata)
+    cached = _read_cache(path, step, pool)
+    if cached is None:
+        raise FmaskError(f"the feature cache {path} could not be read back after writing it; check the disk")
+    return PoolFeatures(path, cached.train, cached.test, computed=not output.current)
 
 
 def _read_cache(path: Path, step: dict, pool: Any) -> Optional[PoolFeatures]:
@@ -129,9 +128,10 @@ class FeaturePool:
     def labels(self, ids: Sequence[int]) -> torch.Tensor:
         return self.pool.labels(ids)
 
-    def inputs(self, ids: Sequence[int]) -> torch.Tensor:
-        """The cached features (n, E) of sample ``ids`` (only these rows are read from the file)."""
-        return self.features.train[self.pool.rows(ids)]
+    def inputs(self, ids: Sequence[int], device: Optional[torch.device] = None) -> torch.Tensor:
+        """The cached features (n, E) of sample ``ids`` (only these rows are read from the file), on ``device``."""
+        rows = self.features.train[self.pool.rows(ids)]
+        return rows if device is None else rows.to(device)
 
     @property
     def test_inputs(self) -> torch.Tensor:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 import torch
@@ -15,6 +17,29 @@ COLUMNS = ["checkpoint", "strategy", "seed", "train_seed", "round", "labeled", "
            "train_accuracy", "epochs", "train_seconds", "per_class_accuracy", "labeled_counts", "evaluated_on"]
 # evaluated_on: "test" (the pool's test split), "validation" (train --val-fraction), "none" (no test set: accuracy
 # is empty); rows written before the column existed were measured on the test split.
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A checkpoint's metrics, typed: what ``fmask train`` measured (``TrainResult.evaluation``)."""
+
+    accuracy: Optional[float]  # None: no test set and no --val-fraction, so nothing was measured
+    balanced_accuracy: Optional[float]
+    per_class_accuracy: list[Optional[float]]  # NaN for a class absent from the evaluation split
+    evaluated_on: str  # "test" | "validation" | "none"
+    test_samples: int
+    labeled: Optional[int]  # labeled samples the checkpoint was trained on
+    epochs: Optional[int]
+    train_accuracy: Optional[float]
+    train_seconds: Optional[float]
+
+    @classmethod
+    def from_metrics(cls, metrics: dict) -> "Evaluation":
+        return cls(accuracy=metrics.get("accuracy"), balanced_accuracy=metrics.get("balanced_accuracy"),
+                   per_class_accuracy=list(metrics.get("per_class_accuracy") or []),
+                   evaluated_on=metrics.get("evaluated_on", "test"), test_samples=int(metrics.get("test_samples", 0)),
+                   labeled=metrics.get("labeled"), epochs=metrics.get("epochs"),
+                   train_accuracy=metrics.get("train_accuracy"), train_seconds=metrics.get("train_seconds"))
 
 
 def test_metrics(predicted: torch.Tensor, truth: torch.Tensor, num_classes: int) -> dict:

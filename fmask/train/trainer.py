@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -25,9 +24,7 @@ from fmask import __version__
 from fmask.core import distributed, paths
 from fmask.core.device import free_memory_bytes, resolve_device
 from fmask.core.errors import FmaskError
-from fmask.core.atomic import check_writable
-from fmask.core.locking import output_lock
-from fmask.core.steps import step_is_current
+from fmask.core.steps import step_output
 from fmask.core.labeled import load_labeled
 from fmask.pool.pool import Pool, load_pool
 from fmask.core.numerics import deterministic_enabled
@@ -36,7 +33,7 @@ from fmask.core.threads import fit_threads_to_work
 from fmask.core.numerics import autocast, resolve_precision
 from fmask.train.augment import RESIDENT_SHARE, Normalizer, TrainBatches, device_images, draw_crop_flip, padded_nbytes
 from fmask.train.checkpoint import load_checkpoint, save_checkpoint
-from fmask.train.metrics import record_metrics, test_metrics
+from fmask.train.metrics import Evaluation, record_metrics, test_metrics
 from fmask.train.models import build_model, set_head_dropout
 from fmask.train.recipe import check_recipe, make_optimizer, make_schedule
 from fmask.train.validation import TEST, VALIDATION, not_measured, validation_split
@@ -82,8 +79,13 @@ class TrainConfig:
 class TrainResult:
     checkpoint: Path
     skipped: bool
-    metrics: dict
+    metrics: dict  # as the checkpoint records it
     notes: list[str] = field(default_factory=list)  # one-line notices for the user (e.g. the streaming fallback)
+
+    @property
+    def evaluation(self) -> Evaluation:
+        """The metrics, typed."""
+        return Evaluation.from_metrics(self.metrics)
 
 
 def validate_config(config: TrainConfig, device: torch.device) -> TrainConfig:
@@ -286,22 +288,18 @@ def train(*, pool_dir: str | os.PathLike, labeled: Optional[str | os.PathLike], 
         step["processes"] = distributed.world_size()
     if deterministic_enabled():  # other algorithms on GPUs: not the same step (absent otherwise)
         step["deterministic"] = True
-    # Under torchrun every rank trains (DDP); rank 0 alone locks, decides whether the checkpoint is current and
-    # writes. Single-process, main_decides just calls the function.
-    with ExitStack() as held:
-        def lock_and_check() -> Optional[dict]:
-            held.enter_context(output_lock(out.parent, "train", outputs=(out.name, paths.METRICS_CSV)))
-            if not force and step_is_current(out, step):
-                metrics = load_checkpoint(out).metrics
-                # A run killed between the checkpoint and its metrics row gets the row now.
-                record_metrics(out, labeled_set=labeled_set, metrics=metrics, train_seed=config.seed)
-                return metrics
-            check_writable(out)
-            return None
+    def reuse() -> dict:
+        metrics = load_checkpoint(out).metrics
+        # A run killed between the checkpoint and its metrics row gets the row now.
+        record_metrics(out, labeled_set=labeled_set, metrics=metrics, train_seed=config.seed)
+        return metrics
 
-        current = distributed.main_decides(lock_and_check)
-        if current is not None:
-            return TrainResult(out, True, current)
+    # Under torchrun every rank trains (DDP); rank 0 alone locks, decides whether the checkpoint is current and
+    # writes.
+    with step_output(out, command="train", step=step, force=force, beside=(paths.metrics_csv(out),),
+                     on_current=reuse) as output:
+        if output.current:
+            return TrainResult(out, True, output.recorded)
         if config.finetune == "head":
             from fmask.train.head import train_head_locked
 

@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from fmask.query.base import QueryContext, Selection, Strategy, require_labeled, top_scores
-from fmask.query.mc_dropout import candidate_log_probs
+from fmask.query.base import QueryContext, Selection, top_scores
+from fmask.query.mc_dropout import McDropoutStrategy
 from fmask.query.registry import register_strategy
 
 ROWS_PER_CHUNK = 8192  # bounds the float64 copies to 8192 × S × C
@@ -46,12 +46,8 @@ def bald_scores(log_probs: torch.Tensor) -> torch.Tensor:
 
 
 @register_strategy("bald")
-class BaldStrategy(Strategy):
+class BaldStrategy(McDropoutStrategy):
     """Top BALD scores from MC dropout passes (``--mc-samples``, default 20)."""
 
-    needs_labels = True
-    needs_mc_dropout = True
-
-    def select(self, ctx: QueryContext, batch: int) -> Selection:
-        require_labeled(ctx, self.name)
-        return top_scores(ctx, bald_scores(candidate_log_probs(ctx, self.name)).cpu(), batch)
+    def pick(self, ctx: QueryContext, log_probs: torch.Tensor, batch: int) -> Selection:
+        return top_scores(ctx, bald_scores(log_probs).cpu(), batch)

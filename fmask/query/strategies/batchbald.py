@@ -34,12 +34,11 @@ from typing import Optional
 import torch
 
 from fmask.core.errors import FmaskError
-from fmask.query.base import QueryContext, Selection, Strategy, read_option, require_labeled
+from fmask.query.base import QueryContext, Selection, read_option
 from fmask.core.progress import ProgressFn
-from fmask.query.mc_dropout import candidate_log_probs
+from fmask.query.mc_dropout import McDropoutStrategy
 from fmask.query.registry import register_strategy
 from fmask.query.strategies.bald import expected_entropies
-from fmask.query.strategies.kcenter import check_batch
 
 DEFAULT_NUM_SAMPLES = 1000
 BLOCK_ELEMENTS = 1 << 22  # candidates × configurations × classes scored at once
@@ -170,18 +169,16 @@ def batchbald_select(log_probs: torch.Tensor, batch: int, *, num_samples: int = 
 
 
 @register_strategy("batchbald")
-class BatchBaldStrategy(Strategy):
+class BatchBaldStrategy(McDropoutStrategy):
     """Greedy BatchBALD from MC dropout passes (``--mc-samples``, ``--joint-samples``)."""
 
-    needs_labels = True
-    needs_mc_dropout = True
-
-    def select(self, ctx: QueryContext, batch: int) -> Selection:
-        require_labeled(ctx, self.name)
-        check_batch(ctx, batch)
+    def settings(self, ctx: QueryContext) -> dict[str, int]:
         num_samples = read_option(ctx.options, "joint_samples", int, DEFAULT_NUM_SAMPLES)
         if isinstance(num_samples, bool) or num_samples < 1:
             raise FmaskError(f"--joint-samples {num_samples} must be positive; pass e.g. 1000")
-        positions, scores = batchbald_greedy(candidate_log_probs(ctx, self.name), batch, num_samples=num_samples,
-                                             seed=ctx.seed, progress=ctx.progress)
+        return {"num_samples": num_samples}
+
+    def pick(self, ctx: QueryContext, log_probs: torch.Tensor, batch: int, *, num_samples: int) -> Selection:
+        positions, scores = batchbald_greedy(log_probs, batch, num_samples=num_samples, seed=ctx.seed,
+                                             progress=ctx.progress)
         return Selection(ids=[ctx.unlabeled_ids[p] for p in positions], scores=scores)

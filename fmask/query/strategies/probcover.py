@@ -27,12 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from fmask.core.errors import FmaskError
-from fmask.query.base import QueryContext, Selection, Strategy, read_option
+from fmask.query.base import QueryContext, read_option
 from fmask.core.progress import ProgressFn
 from fmask.query.clustering import block_rows, kmeans_labels, squared_distances
+from fmask.query.coverage import PoolFeatureStrategy
 from fmask.query.registry import register_strategy
-from fmask.query.strategies.kcenter import check_batch
-from fmask.query.strategies.typiclust import pool_features
 
 DEFAULT_PURITY = 0.95
 PURITY_SAMPLE = 5_000
@@ -135,14 +134,11 @@ def probcover_select(features: torch.Tensor, labeled: torch.Tensor | np.ndarray,
 
 
 @register_strategy("probcover")
-class ProbCoverStrategy(Strategy):
+class ProbCoverStrategy(PoolFeatureStrategy):
     """Cold-start coverage: greedy max coverage of δ-balls (``--radius``, default the purity rule)."""
 
-    cold_start = True  # features only: works on a pretrained backbone before any checkpoint exists
-
-    def select(self, ctx: QueryContext, batch: int) -> Selection:
-        check_batch(ctx, batch)
-        features, labeled = pool_features(ctx)
+    def pick(self, ctx: QueryContext, features: torch.Tensor, labeled: np.ndarray, batch: int
+             ) -> tuple[list[int], list[float]]:
         points = normalized(features.to(ctx.device))
         radius = read_option(ctx.options, "radius", float, None)
         if radius is None:
@@ -150,5 +146,4 @@ class ProbCoverStrategy(Strategy):
             radius = purity_radius(points, pseudo_labels, seed=ctx.seed)
         elif not radius > 0:
             raise FmaskError(f"--radius {radius} must be positive; distances between normalised features lie in [0, 2]")
-        positions, scores = probcover_greedy(points, labeled, batch, float(radius), ctx.progress)
-        return Selection(ids=[ctx.unlabeled_ids[p] for p in positions], scores=scores)
+        return probcover_greedy(points, labeled, batch, float(radius), ctx.progress)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fmask.query.base import QueryContext, Selection, Strategy
+from fmask.query.base import QueryContext
 from fmask.query.clustering import as_numpy, kmeans_labels
+from fmask.query.coverage import PoolFeatureStrategy
 from fmask.query.registry import register_strategy
-from fmask.query.strategies.kcenter import check_batch
 
 TYPICALITY_NEIGHBOURS = 20
 
@@ -91,22 +91,10 @@ def _select(features: torch.Tensor | np.ndarray, labeled: np.ndarray, batch: int
     return typiclust_pick(features, labeled, batch, cluster_of)
 
 
-def pool_features(ctx: QueryContext) -> tuple[torch.Tensor, np.ndarray]:
-    """Features of the candidates then the labeled samples (N, E), and the mask of the labeled rows."""
-    candidates, labeled = ctx.features(ctx.unlabeled_ids), ctx.features(ctx.labeled_ids)
-    mask = np.zeros(len(candidates) + len(labeled), dtype=bool)
-    mask[len(candidates):] = True
-    return torch.cat([candidates, labeled]), mask
-
-
 @register_strategy("typiclust")
-class TypiClustStrategy(Strategy):
+class TypiClustStrategy(PoolFeatureStrategy):
     """Cold-start diversity: the most typical point of each of the largest clusters without labels."""
 
-    cold_start = True  # features only: works on a pretrained backbone before any checkpoint exists
-
-    def select(self, ctx: QueryContext, batch: int) -> Selection:
-        check_batch(ctx, batch)
-        features, labeled = pool_features(ctx)
-        positions, scores = _select(features, labeled, batch, ctx.seed)
-        return Selection(ids=[ctx.unlabeled_ids[p] for p in positions], scores=scores)
+    def pick(self, ctx: QueryContext, features: torch.Tensor, labeled: np.ndarray, batch: int
+             ) -> tuple[list[int], list[float]]:
+        return _select(features, labeled, batch, ctx.seed)
