@@ -19,27 +19,21 @@ Every command runs as `python -m fmask ...` in a fresh process, with OMP_NUM_THR
 
 from __future__ import annotations
 
+import argparse
+import csv
+import io
 import os
+import resource
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
 
-# Running a script puts its folder first on sys.path, where a sibling benchmark (e.g. select.py) would
-# shadow the standard-library module of the same name; only the repository root is needed.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _HERE]
-
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import io  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = ROOT.parent / "shared" / "datasets" / "cifar10"

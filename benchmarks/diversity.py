@@ -17,28 +17,19 @@ minus the memory held by the inputs. Times cover the selection only (inputs alre
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import resource
+import subprocess
 import sys
+import time
 
-# Running a script puts its folder first on sys.path, where a sibling benchmark (e.g. select.py) would
-# shadow the standard-library module of the same name; only the repository root is needed.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _HERE]
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fmask.query.clustering import kmeans_plus_plus  # noqa: E402
-from fmask.query.strategies.badge import badge_select  # noqa: E402
-from fmask.query.strategies.kcenter import kcenter_greedy  # noqa: E402
+from fmask.query.clustering import kmeans_plus_plus
+from fmask.query.strategies.badge import badge_select
+from fmask.query.strategies.kcenter import kcenter_greedy
 
 SIDES = ("kcenter-chunked", "kcenter-full-matrix", "badge-factorized", "badge-explicit")
 

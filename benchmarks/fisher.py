@@ -20,26 +20,19 @@ Both ratios, (a)/(b) and (b)/(c), are printed. (a) and (b) must agree (exactly, 
 
 from __future__ import annotations
 
-import os
+import argparse
 import sys
+import time
+from pathlib import Path
 
-# Running `python benchmarks/fisher.py` puts benchmarks/ first on sys.path, where a sibling script named
-# like a standard-library module (select.py) would shadow it inside torch's imports; drop that entry.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import argparse  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from fmask.core.cpu_allocator import tune_cpu_allocator  # noqa: E402
-from fmask.fisher.grads import fisher_diagonal, masked_embeddings, plan_fisher_pass  # noqa: E402
-from fmask.fisher.mask import MaskColumns, mask_size, top_k_mask  # noqa: E402
-from fmask.train.models import build_model  # noqa: E402
+from fmask.core.cpu_allocator import tune_cpu_allocator
+from fmask.fisher.grads import fisher_diagonal, masked_embeddings, plan_fisher_pass
+from fmask.fisher.mask import MaskColumns, mask_size, top_k_mask
+from fmask.train.models import build_model
 
 
 class Cnn545k(nn.Module):

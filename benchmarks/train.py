@@ -19,32 +19,25 @@ second, epochs and seconds to the target, test accuracy, and the fmask/plain rat
 
 from __future__ import annotations
 
+import argparse
 import os
+import statistics
 import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
-# Running a script puts its folder first on sys.path, where a sibling benchmark (select.py) would shadow the
-# standard-library module of that name, which DataLoader workers import; only the repository root is needed.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
+from fmask.core.device import resolve_device
+from fmask.pool.pool import build_pool, load_pool
+from fmask.train.models import build_model
+from fmask.train.trainer import TrainConfig, TrainLoop, evaluate, validate_config
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import torchvision.transforms as T  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from fmask.core.device import resolve_device  # noqa: E402
-from fmask.pool.pool import build_pool, load_pool  # noqa: E402
-from fmask.train.models import build_model  # noqa: E402
-from fmask.train.trainer import TrainConfig, TrainLoop, evaluate, validate_config  # noqa: E402
-
-SHARED_CIFAR10 = Path(_HERE).parents[1] / "shared" / "datasets" / "cifar10"
+SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10"
 
 
 class PilImages(torch.utils.data.Dataset):

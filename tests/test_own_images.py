@@ -303,8 +303,8 @@ def test_csv_form_ids_identical_in_any_order_and_labels_column(tmp_path):
         shutil.copyfile(SHARED_CIFAR10 / "train" / CLASSES[index % 3] / f"{index:04d}.jpg", folder / name)
     rows = [(f"files/{name}", CLASSES[index % 3]) for index, name in enumerate(names)]
     forward = write_csv(tmp_path / "forward.csv", ("path", "label"), rows[:2] + [(p, "") for p, _ in rows[2:]])
-    backward = write_csv(tmp_path / "backward.csv", ("label", "path"), [(l, p) for p, l in reversed(rows[:2])]
-                         + [("", p) for p, _ in reversed(rows[2:])])
+    backward = write_csv(tmp_path / "backward.csv", ("label", "path"),
+                         [(label, p) for p, label in reversed(rows[:2])] + [("", p) for p, _ in reversed(rows[2:])])
     for name, listing in (("fwd", forward), ("bwd", backward)):
         ok("build-pool", "--images", listing, "--classes", ",".join(CLASSES), "--out", tmp_path / name)
     # Same ids, same cache, same samples and labeled set: the same pool hash (only the recorded source differs).

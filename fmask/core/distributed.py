@@ -184,6 +184,7 @@ def broadcast_tensor(tensor: torch.Tensor | None, src: int, *, shape: Sequence[i
         return tensor.to(device)
     where = communication_device()
     if rank() == src:
+        assert tensor is not None, "the source rank gives the tensor"
         buffer = tensor.to(device=where, dtype=dtype).contiguous()
     else:
         buffer = torch.empty(tuple(shape), dtype=dtype, device=where)

@@ -105,8 +105,9 @@ class LabeledPool:
 T = TypeVar("T", bound=LabeledPool)
 
 
+# The ignore below: mypy cannot check a default against a TypeVar (LabeledPool is T's bound, so the default is T).
 def open_labeled_pool(pool: Any, pool_dir: str | os.PathLike, labeled_path: str | os.PathLike, *,
-                      kind: type[T] = LabeledPool, **extra: Any) -> T:
+                      kind: type[T] = LabeledPool, **extra: Any) -> T:  # type: ignore[assignment]
     """Load the labeled set at ``labeled_path`` against ``pool`` and collect the candidates; ``kind`` (a
     LabeledPool subclass) and ``extra`` add what the caller holds beside them."""
     labeled_set = load_labeled(labeled_path, pool)

@@ -17,7 +17,7 @@ import contextlib
 import os
 import warnings
 from contextlib import contextmanager
-from typing import ContextManager, Iterator, Optional
+from typing import Any, ContextManager, Iterator, Optional
 
 import torch
 
@@ -35,7 +35,7 @@ CUBLAS_WORKSPACE = ":4096:8"  # cuBLAS's documented setting for reproducible res
 
 
 def _precision_owner(backend: str, op: Optional[str]):
-    owner = torch.backends
+    owner: Any = torch.backends
     for part in [p for p in (backend, op) if p]:
         owner = getattr(owner, part, None)
         if owner is None:

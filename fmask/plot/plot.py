@@ -80,7 +80,9 @@ def area_under_curve(labeled: np.ndarray, accuracy: np.ndarray) -> float:
     """Mean accuracy over the labeled-count range (trapezoids), comparable across budgets of one experiment."""
     if len(labeled) < 2 or labeled[-1] == labeled[0]:
         return float(accuracy[-1]) if len(accuracy) else float("nan")
-    return float(np.trapezoid(accuracy, labeled) / (labeled[-1] - labeled[0]))
+    from scipy.integrate import trapezoid  # numpy's own is np.trapz before 2.0 and np.trapezoid from 2.0 on
+
+    return float(trapezoid(accuracy, labeled) / (labeled[-1] - labeled[0]))
 
 
 def labels_to_reach(labeled: np.ndarray, accuracy: np.ndarray, target: float) -> float:
@@ -259,8 +261,10 @@ def plot_learning_curves(runs: pd.DataFrame, path: Path, metric: str = "accuracy
         x = stats.index.to_numpy(float)
         n_runs = rows["run"].nunique()
         where = ", validation" if "evaluated_on" in rows.columns and (rows["evaluated_on"] == "validation").all() else ""
-        ax.plot(x, stats["mean"], marker="o", markersize=3, color=color, label=f"{strategy} (n={n_runs}{where})")
-        ax.fill_between(x, stats["mean"] - stats["std"], stats["mean"] + stats["std"], color=color, alpha=0.2)
+        # As floats: pandas 2.0 can hand these back as object arrays, which matplotlib refuses.
+        mean, std = stats["mean"].to_numpy(float), stats["std"].to_numpy(float)
+        ax.plot(x, mean, marker="o", markersize=3, color=color, label=f"{strategy} (n={n_runs}{where})")
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2)
     if measured.empty:
         ax.text(0.5, 0.5, "no test set: accuracy was not measured", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("labeled samples")

@@ -4,29 +4,20 @@ Both sides run on the same random instance in the same process; the script asser
 and prints both times and the ratio. ``--skip-dense`` times only the incremental engine (for the paper's scale,
 N=5750, r=10, D~22k, batch=500, where the dense side would take hours).
 
-    .venv/bin/python benchmarks/select.py                       # N=1000 r=10 D=2000 batch=100, CPU, float32
-    .venv/bin/python benchmarks/select.py --n 5750 --d 22000 --batch 500 --skip-dense
+    .venv/bin/python -m benchmarks.fisher_greedy                # N=1000 r=10 D=2000 batch=100, CPU, float32
+    .venv/bin/python -m benchmarks.fisher_greedy --n 5750 --d 22000 --batch 500 --skip-dense
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import math
+import resource
+import time
 
-# This file shares its name with the standard library's ``select``, which torch imports: run as a script, its own
-# folder must leave the import path (and the repository root join it) before anything imports ``select``.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+import torch
 
-import argparse  # noqa: E402
-import math  # noqa: E402
-import resource  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-from fmask.query.fisher_greedy import fisher_greedy_detailed  # noqa: E402
+from fmask.query.fisher_greedy import fisher_greedy_detailed
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
