@@ -11,7 +11,7 @@ Baselines (the straightforward way, as most AL toolkits do it):
 Both sides work in float64 from the same float32 inputs, and the selections are asserted identical.
 
 Each side runs in a fresh subprocess so its peak memory is its own: on CPU the peak resident set size
-(getrusage ru_maxrss) minus the resident size once the inputs exist; on CUDA torch.cuda.max_memory_allocated
+(VmHWM, restarted once the inputs exist) minus the resident size at that point; on CUDA torch.cuda.max_memory_allocated
 minus the memory held by the inputs. Times cover the selection only (inputs already on the device).
 """
 
@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
-import sys
 import time
 
 import torch
 
+from benchmarks.sides import PeakMemory, run_side_process, side_parser
 from fmask.query.clustering import kmeans_plus_plus
 from fmask.query.strategies.badge import badge_select
 from fmask.query.strategies.kcenter import kcenter_greedy
@@ -73,11 +70,6 @@ def badge_explicit(probs: torch.Tensor, features: torch.Tensor, batch: int, gene
 # ---------------------------------------------------------------- one side, in its own process
 
 
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def make_inputs(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Seeded float32 inputs shaped like a real query: ReLU embeddings, softmax probabilities."""
     generator = torch.Generator().manual_seed(args.seed)
@@ -96,12 +88,7 @@ def run_side(args: argparse.Namespace) -> dict:
     badge_select(probs[small], candidates[small], 4, generator=torch.Generator().manual_seed(0))
     kcenter_full_matrix(candidates[small], labeled[:8], 4)
     badge_explicit(probs[small], candidates[small], 4, torch.Generator().manual_seed(0))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = current_rss_bytes()
+    memory = PeakMemory(device)
 
     start = time.perf_counter()
     if args.side == "kcenter-chunked":
@@ -116,28 +103,16 @@ def run_side(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-
-    if device.type == "cuda":
-        peak_extra = torch.cuda.max_memory_allocated() - base
-    else:
-        peak_extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base  # ru_maxrss: KiB on Linux
-    return {"side": args.side, "seconds": seconds, "peak_extra_bytes": max(peak_extra, 0), "chosen": chosen}
+    return {"side": args.side, "seconds": seconds, "peak_extra_bytes": memory.extra_bytes(), "chosen": chosen}
 
 
 # ---------------------------------------------------------------- driver
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=20_000, help="unlabeled candidates")
-    parser.add_argument("--e", type=int, default=512, help="penultimate embedding width")
-    parser.add_argument("--c", type=int, default=10, help="classes")
-    parser.add_argument("--labeled", type=int, default=1_000, help="labeled samples (k-center's initial centers)")
-    parser.add_argument("--batch", type=int, default=100, help="samples to select")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser = side_parser(__doc__.split("\n\n")[0], sides=SIDES, n=20_000, e_help="penultimate embedding width",
+                         labeled_help="labeled samples (k-center's initial centers)", batch=100)
     parser.add_argument("--chunk-size", type=int, default=4096, help="fmask's rows per distance block")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side and print JSON
     args = parser.parse_args()
     if args.labeled < 1:
         parser.error("--labeled must be at least 1: the k-center baseline starts from labeled centers")
@@ -149,13 +124,7 @@ def main() -> None:
     if args.side:
         print(json.dumps(run_side(args)))
         return
-    results = {}
-    for side in SIDES:
-        command = [sys.executable, __file__, "--side", side] + [
-            f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items() if name != "side"
-        ]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results[side] = json.loads(output.strip().splitlines()[-1])
+    results = {side: run_side_process("benchmarks.diversity", side, args) for side in SIDES}
 
     for ours, theirs in (("kcenter-chunked", "kcenter-full-matrix"), ("badge-factorized", "badge-explicit")):
         assert results[ours]["chosen"] == results[theirs]["chosen"], f"{ours} and {theirs} selected differently"

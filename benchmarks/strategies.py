@@ -23,15 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.diversity import current_rss_bytes
+from benchmarks.sides import PeakMemory, run_side_process, side_parser
 from fmask.query import (badge_select, bald_scores, batchbald_select, cluster_margin_select, kcenter_greedy,
                          probcover_select, typiclust_select)
 from fmask.query.clustering import kmeans_labels
@@ -61,12 +59,6 @@ def make_inputs(args: argparse.Namespace, device: torch.device) -> dict[str, tor
         head.bias.zero_()
         probs = torch.softmax(head(features[:args.n]), dim=1)
     return {"features": features.to(device), "probs": probs.to(device), "head": head.to(device)}
-
-
-def peak_rss_bytes() -> int:
-    """The peak resident set size since the last reset (VmHWM of /proc/self/status)."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 
 def run_side(args: argparse.Namespace) -> dict:
@@ -114,43 +106,25 @@ def run_side(args: argparse.Namespace) -> dict:
     side_notes: dict = {}
     batch = args.bald_batch if args.side == "batchbald" else args.batch
     select(256, min(8, batch))  # warm-up: kernels, allocator, imports
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = current_rss_bytes()
-        with open("/proc/self/clear_refs", "w") as clear:  # restart the peak (VmHWM) from the current size
-            clear.write("5")
+    memory = PeakMemory(device)
     start, start_cpu = time.perf_counter(), time.process_time()
     chosen = select(args.n, batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
-    if device.type == "cuda":
-        peak_extra = torch.cuda.max_memory_allocated() - base
-    else:
-        peak_extra = peak_rss_bytes() - base
     if args.side != "mc-dropout-passes":
         assert len(set(chosen)) == batch and all(0 <= p < args.n for p in chosen), args.side
     return {"side": args.side, "batch": batch if args.side != "mc-dropout-passes" else 0, "seconds": seconds,
-            "cpu_seconds": cpu_seconds, "peak_extra_bytes": max(peak_extra, 0), **side_notes}
+            "cpu_seconds": cpu_seconds, "peak_extra_bytes": memory.extra_bytes(), **side_notes}
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=50_000, help="unlabeled candidates")
-    parser.add_argument("--e", type=int, default=512, help="feature width")
-    parser.add_argument("--c", type=int, default=10, help="classes")
-    parser.add_argument("--labeled", type=int, default=1_000, help="labeled samples")
-    parser.add_argument("--batch", type=int, default=1_000, help="samples to select")
+    parser = side_parser(__doc__.split("\n\n")[0], sides=SIDES, n=50_000, e_help="feature width",
+                         labeled_help="labeled samples", batch=1_000)
     parser.add_argument("--bald-batch", type=int, default=100, help="BatchBALD's batch")
     parser.add_argument("--passes", type=int, default=20, help="MC dropout passes S")
     parser.add_argument("--threads", type=int, default=1, help="torch and OpenMP threads")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--only", default=",".join(SIDES), help="comma-separated subset of: " + ", ".join(SIDES))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side, print JSON
     return parser.parse_args()
 
 
@@ -169,10 +143,7 @@ def main() -> None:
     print(f"{'strategy':<20}{'batch':>7}{'wall (s)':>10}{'CPU (s)':>10}{'peak extra (MiB)':>18}", flush=True)
     environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     for side in sides:
-        command = [sys.executable, "-m", "benchmarks.strategies", "--side", side] + [
-            f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items() if name not in ("side", "only")]
-        output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT, env=environment).stdout
-        result = json.loads(output.strip().splitlines()[-1])
+        result = run_side_process("benchmarks.strategies", side, args, leave_out=("only",), env=environment)
         note = f"   radius {result['radius']:.3f}" if "radius" in result else ""
         print(f"{side:<20}{result['batch']:>7}{result['seconds']:>10.2f}{result['cpu_seconds']:>10.2f}"
               f"{result['peak_extra_bytes'] / 2**20:>18.1f}{note}", flush=True)
