@@ -51,6 +51,9 @@ def child(job):
     log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
+    # A shell starts background jobs with SIGINT ignored, and Python keeps it ignored: restore Ctrl-C's
+    # KeyboardInterrupt so the tests that interrupt a job behave the same however the suite was started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import torch
     torch.set_num_threads(job["threads"])  # as in the test process: the same float sums, the same weights
     kill = job.get("kill_at_replace")  # [the N-th rename of this job, or the rename onto this path, "before"|"after"]
