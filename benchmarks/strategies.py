@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,7 +38,6 @@ from fmask.query.strategies.probcover import normalized, purity_radius
 
 SIDES = ("margin", "bald", "mc-dropout-passes", "batchbald", "kcenter", "badge", "typiclust", "probcover",
          "cluster-margin")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_inputs(args: argparse.Namespace, device: torch.device) -> dict[str, torch.Tensor]:
