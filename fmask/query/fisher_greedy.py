@@ -15,7 +15,12 @@ M_0 = lamb * I + (L / (L + batch)) * mean_l(V_l^T V_l), and when no ``fisher`` i
 pool and labeled embeddings *unscaled*. ``m0="fisher"`` starts instead from the paper's eq. (2),
 M_0 = lamb * (F + rho I) + (L / (L + batch)) * mean_l(V_l^T V_l), F then kept dense; the ridge
 rho = M0_FISHER_RIDGE * tr(F) / D makes M_0 invertible when F is rank-deficient (fewer embedding rows than D, or
-parameters no sample moves) and is negligible otherwise. Ties go to the lowest position (scores within a few ulps count as tied).
+parameters no sample moves) and is negligible otherwise. That start is ill-conditioned (cond ~ 1 / rho), which
+made the Woodbury updates drift and the guard rebuild A every few picks; so the problem is whitened once instead:
+with lamb (F + rho I) = C C^T (Cholesky, float64), V' = V C^-T and F' = C^-1 F C^-T turn M into C M' C^T with
+M' = I + (the same labeled and picked terms in V'), and every score tr(V M^-1 F M^-1 V^T (I + V M^-1 V^T)^-1)
+into the same expression in V', M', F'. The greedy then runs the well-conditioned lamb = 1 identity start on the
+whitened rows: the same picks and gains, exactly in exact arithmetic. Ties go to the lowest position (scores within a few ulps count as tied).
 With ``backward_steps`` the engine picks 2 x batch forward, then greedily drops the pick whose removal raises
 tr(F M^-1) least until ``batch`` remain (BAIT's oversample-then-prune).
 
@@ -287,9 +292,70 @@ def fisher_greedy_detailed(pool: torch.Tensor, batch: int, labeled: Optional[tor
         raise FmaskError(refusals[0])
     guard_tol = 10.0 * math.sqrt(torch.finfo(dtype).eps) if opts.guard_tol is None else opts.guard_tol
     with torch.no_grad():  # embeddings may arrive with autograd history; none of this needs it
-        engine = _Engine(pool, labeled, blocks, batch, opts.lamb, opts.fisher, plan, dtype, device, guard_tol,
-                         opts.progress, opts.m0)
+        lamb, fisher = opts.lamb, opts.fisher
+        if opts.m0 == "fisher":
+            pool, labeled, fisher = _whiten_by_fisher_start(pool, labeled, blocks, opts, plan, dtype, device)
+            lamb = 1.0
+        engine = _Engine(pool, labeled, blocks, batch, lamb, fisher, plan, dtype, device, guard_tol, opts.progress)
         return engine.run(_forward_count(batch, blocks.total, opts.backward_steps))
+
+
+def _whiten_by_fisher_start(pool: torch.Tensor, labeled: Optional[torch.Tensor], blocks: _Blocks,
+                            opts: FisherGreedyOptions, plan: FisherGreedyPlan, dtype: torch.dtype,
+                            device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """(V', labeled V', F') of the whitened problem (module docstring): rows V C^-T, F' = C^-1 F C^-T with
+    C C^T = lamb (F + rho I). Factor and solves in float64, results in ``dtype``: on ``device`` where the plan keeps
+    the embeddings resident (they stand in for the engine's resident copy), else beside the inputs.
+
+    F is the given one, else the unscaled mean V^T V over every rank's pool and labeled rows (summed over the ranks,
+    so C is the same on each)."""
+    d, chunk, work = pool.shape[2], plan.chunk_size, torch.float64
+    parts = [pool] + ([labeled] if labeled is not None else [])
+    total = sum(part.shape[0] for part in parts)
+    if opts.fisher is not None:
+        fisher = opts.fisher.to(device=device, dtype=work)
+    else:
+        fisher = torch.zeros(d, d, dtype=work, device=device)
+        done = 0
+        for part in parts:
+            for start in range(0, part.shape[0], chunk):
+                flat = part[start : start + chunk].to(device=device, dtype=work).reshape(-1, d)
+                fisher.addmm_(flat.T, flat)
+                done += flat.shape[0] // part.shape[1]
+                _report(opts.progress, "fisher-greedy: pool Fisher", done, total)
+        distributed.all_reduce_sum(fisher)
+        fisher /= blocks.total + blocks.num_labeled
+    start_matrix = fisher * opts.lamb
+    start_matrix.diagonal().add_(opts.lamb * M0_FISHER_RIDGE * float(fisher.diagonal().sum()) / d)
+    factor, info = torch.linalg.cholesky_ex(start_matrix)
+    if int(info) != 0:
+        raise FmaskError("M_0 = lamb F is not positive definite on these parameters; use --m0 identity")
+    del start_matrix
+    whitened_fisher = torch.linalg.solve_triangular(
+        factor, torch.linalg.solve_triangular(factor, fisher, upper=False).mT, upper=False)
+    whitened_fisher = _symmetrize(whitened_fisher).to(dtype)
+    del fisher
+    target = device if plan.resident else pool.device
+    done = 0
+
+    def whiten(rows: torch.Tensor) -> torch.Tensor:
+        nonlocal done
+        out = torch.empty(rows.shape, dtype=dtype, device=target)
+        for start in range(0, rows.shape[0], chunk):
+            block = rows[start : start + chunk].to(device=device, dtype=work)
+            # X C^T = V, i.e. X = V C^-T, one row of V at a time in the flattened (rows, D) block.
+            solved = torch.linalg.solve_triangular(factor.mT, block.reshape(-1, d), upper=True, left=False)
+            out[start : start + chunk] = solved.view(block.shape).to(device=target, dtype=dtype)
+            done += block.shape[0]
+            _report(opts.progress, "fisher-greedy: whitening by lamb F", done, total)
+        return out
+
+    return whiten(pool), None if labeled is None else whiten(labeled), whitened_fisher
+
+
+def _report(progress: Optional[ProgressFn], task: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(task, done, total)
 
 
 # The strategies' select: what bait and fishermask share.
@@ -478,10 +544,8 @@ class _Engine:
         device: torch.device,
         guard_tol: float,
         progress: Optional[ProgressFn],
-        m0: M0 = "identity",
     ) -> None:
         self.plan, self.dtype, self.device = plan, dtype, device
-        self.m0 = m0
         self.batch, self.lamb, self.guard_tol = batch, float(lamb), guard_tol
         self.progress = progress
         self.pool = _Embeddings(pool, dtype, device, plan.resident)
@@ -498,7 +562,6 @@ class _Engine:
         self.shared: dict[int, Optional[torch.Tensor]] = {}  # picks' rows received from other ranks (None: ours)
         self.refreshes = self.rebuilds = 0
         self.fisher = self._fisher_operator(fisher)
-        self.ridge = M0_FISHER_RIDGE * float(self.fisher.dense.diagonal().sum()) / self.d if m0 == "fisher" else 0.0
         self.a_is_scaled_identity = False
         self.A = self._initial_inverse()
         generator = torch.Generator().manual_seed(_PROBE_SEED)
@@ -537,7 +600,7 @@ class _Engine:
         return _FisherOperator(self._parts(), dense, chunk)
 
     def _initial_inverse(self) -> torch.Tensor:
-        if self.num_labeled == 0 and self.m0 == "identity":
+        if self.num_labeled == 0:
             self.a_is_scaled_identity = True  # lets the first pass skip V A: A is I / lamb
             return torch.eye(self.d, dtype=self.dtype, device=self.device) / self.lamb
         return self._invert_m()
@@ -549,14 +612,11 @@ class _Engine:
                               ).reshape(-1, self.d)
 
     def _build_m(self) -> torch.Tensor:
-        """M = lamb I (or lamb F) + sum_l V_l^T V_l / (L + K) + scale^2 sum_{j current} V_j^T V_j, densely.
+        """M = lamb I + sum_l V_l^T V_l / (L + K) + scale^2 sum_{j current} V_j^T V_j, densely.
 
         The first two terms are summed over the ranks (rank 0 brings the lamb term, each rank its labeled rows)."""
         if not distributed.is_main():
             m = torch.zeros(self.d, self.d, dtype=self.dtype, device=self.device)
-        elif self.m0 == "fisher":
-            m = self.fisher.dense * self.lamb  # a new tensor: F itself is left alone
-            m.diagonal().add_(self.lamb * self.ridge)
         else:
             m = torch.eye(self.d, dtype=self.dtype, device=self.device) * self.lamb
         if self.labeled is not None:
@@ -571,8 +631,8 @@ class _Engine:
     def _invert_m(self) -> torch.Tensor:
         factor, info = torch.linalg.cholesky_ex(self._build_m())
         if int(info) != 0:
-            hint = "use --m0 identity (F is singular on these parameters)" if self.m0 == "fisher" else "raise --lamb"
-            raise FmaskError(f"the Fisher matrix M is not positive definite in {self.dtype}; {hint} or use --float64")
+            raise FmaskError(f"the Fisher matrix M is not positive definite in {self.dtype}; raise --lamb or use "
+                             "--float64")
         return torch.cholesky_inverse(factor)
 
     def _apply_m(self, x: torch.Tensor) -> torch.Tensor:
@@ -580,7 +640,7 @@ class _Engine:
         if not distributed.is_main():
             out = torch.zeros_like(x)
         else:
-            out = self.lamb * (self.fisher.dense @ x + self.ridge * x if self.m0 == "fisher" else x)
+            out = self.lamb * x
         if self.labeled is not None:
             for _, _, block in self.labeled.chunks(self.plan.chunk_size):
                 flat = block.reshape(-1, self.d)
@@ -607,8 +667,7 @@ class _Engine:
                 self._report(task, stop, self.n)
 
     def _report(self, task: str, done: int, total: int) -> None:
-        if self.progress is not None:
-            self.progress(task, done, total)
+        _report(self.progress, task, done, total)
 
     # -- where a candidate lives -----------------------------------------------------------------------------------
 
