@@ -2,10 +2,12 @@
 
 Both sides run on the same random instance in the same process; the script asserts they pick the same positions
 and prints both times and the ratio. ``--skip-dense`` times only the incremental engine (for the paper's scale,
-N=5750, r=10, D~22k, batch=500, where the dense side would take hours).
+N=5750, r=10, D~22k, batch=500, where the dense side would take hours). ``--m0 fisher`` starts both sides from the
+paper's eq. (2), M_0 = lamb (F + rho I) + the labeled Fisher (the engine whitens by it; the dense side inverts it).
 
     .venv/bin/python -m benchmarks.fisher_greedy                # N=1000 r=10 D=2000 batch=100, CPU, float32
     .venv/bin/python -m benchmarks.fisher_greedy --n 5750 --d 22000 --batch 500 --skip-dense
+    .venv/bin/python -m benchmarks.fisher_greedy --m0 fisher --dtype float64 --labeled 100
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import time
 
 import torch
 
-from fmask.query.fisher_greedy import fisher_greedy_detailed
+from fmask.query.fisher_greedy import M0_FISHER_RIDGE, fisher_greedy_detailed
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def dense_rescoring_greedy(
-    pool: torch.Tensor, batch: int, labeled: torch.Tensor | None, lamb: float, chunk: int = 256
+    pool: torch.Tensor, batch: int, labeled: torch.Tensor | None, lamb: float, chunk: int = 256,
+    m0: str = "identity",
 ) -> list[int]:
     """The baseline: every step rescores every candidate from the dense D x D matrices, O(N r D^2) per pick.
 
@@ -39,7 +42,11 @@ def dense_rescoring_greedy(
             flat = part[start : start + chunk].reshape(-1, d)
             fisher.addmm_(flat.T, flat)
     fisher /= n + num_labeled
-    m = lamb * torch.eye(d, dtype=pool.dtype, device=pool.device)
+    if m0 == "fisher":  # the paper's eq. (2), with the engine's ridge
+        m = lamb * (fisher + M0_FISHER_RIDGE * torch.trace(fisher) / d * torch.eye(d, dtype=pool.dtype,
+                                                                                      device=pool.device))
+    else:
+        m = lamb * torch.eye(d, dtype=pool.dtype, device=pool.device)
     if labeled is not None:
         flat = labeled.reshape(-1, d)
         m.addmm_(flat.T, flat, alpha=1.0 / (num_labeled + batch))
@@ -76,6 +83,8 @@ def main() -> None:
     parser.add_argument("--lamb", type=float, default=1.0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--m0", choices=["identity", "fisher"], default="identity",
+                        help="M_0: lamb I (the authors' code) or lamb F (the paper's eq. 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-dense", action="store_true", help="time only the incremental engine")
     parser.add_argument("--threads", type=int, default=None,
@@ -92,7 +101,7 @@ def main() -> None:
     data = data.mul_(magnitude / math.sqrt(args.d)).to(device=device, dtype=dtype)  # in place: no 2nd copy
     pool, labeled = data[: args.n], (data[args.n :] if args.labeled else None)
     print(f"instance: N={args.n} r={args.r} D={args.d} batch={args.batch} L={args.labeled} lamb={args.lamb} "
-          f"device={device} dtype={args.dtype} threads={torch.get_num_threads()}")
+          f"m0={args.m0} device={device} dtype={args.dtype} threads={torch.get_num_threads()}")
 
     def sync() -> None:
         if device.type == "cuda":
@@ -108,7 +117,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    result = fisher_greedy_detailed(pool, args.batch, labeled, lamb=args.lamb, progress=progress)
+    result = fisher_greedy_detailed(pool, args.batch, labeled, lamb=args.lamb, m0=args.m0, progress=progress)
     sync()
     incremental_s = time.perf_counter() - start
     plan = result.plan
@@ -128,7 +137,7 @@ def main() -> None:
 
     sync()
     start = time.perf_counter()
-    dense = dense_rescoring_greedy(pool, args.batch, labeled, args.lamb)
+    dense = dense_rescoring_greedy(pool, args.batch, labeled, args.lamb, m0=args.m0)
     sync()
     dense_s = time.perf_counter() - start
     print(f"dense rescoring: {dense_s:.2f} s")
