@@ -2,9 +2,9 @@
 
     python docs/results/tables.py docs/results/setting1-low [--cap 300]
 
-Prints three tables: the summary with intervals and paired tests (summary.csv), the query rounds whose training
-stopped at the epoch cap below the target training accuracy, and each strategy's share of picks outside the
-pool's largest class.
+Prints the summary with intervals and paired tests (summary.csv), the query rounds whose training stopped at the
+epoch cap below the target training accuracy, each strategy's share of picks outside the pool's largest class, and
+the median time per query round of each step (the runs' timings.csv).
 """
 
 from __future__ import annotations
@@ -68,6 +68,19 @@ def share_table(runs: list[pd.DataFrame]) -> list[str]:
     return lines
 
 
+def cost_table(timings: pd.DataFrame) -> list[str]:
+    """Median seconds per query round of each step, per strategy (run.py's timings.csv)."""
+    rounds = timings[timings["round"] > 0]
+    medians = rounds.pivot_table(index="strategy", columns="step", values="seconds", aggfunc="median")
+    steps = [step for step in ("fisher", "query", "train") if step in medians.columns]
+    lines = ["| strategy | " + " | ".join(f"{step} (s, median)" for step in steps) + " |",
+             "|---" * (len(steps) + 1) + "|"]
+    for strategy, row in medians.iterrows():
+        lines.append(f"| {strategy} | " + " | ".join("—" if pd.isna(row[step]) else f"{row[step]:.1f}"
+                                                    for step in steps) + " |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="the `fmask plot --out` folder, with the runs under runs/")
@@ -80,7 +93,11 @@ def main() -> None:
     rounds = rounds[rounds["round"] > 0].assign(target=args.target)
     labels = sorted(rounds["labeled"].unique())
     lines = summary_table(summary, int(labels[0]), int(labels[-1])) + [""] + cap_table(rounds, args.cap)
-    print("\n".join(lines + [""] + share_table(runs)))
+    timings = [pd.read_csv(path) for path in sorted((args.folder / "runs").glob("*/timings.csv"))]
+    lines += [""] + share_table(runs)
+    if timings:
+        lines += [""] + cost_table(pd.concat(timings, ignore_index=True))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
