@@ -90,8 +90,8 @@ def main() -> None:
     summary = pd.read_csv(args.folder / "summary.csv")
     runs = [pd.read_csv(path) for path in sorted((args.folder / "runs").glob("*/seed*/*/metrics.csv"))]
     rounds = pd.concat(runs, ignore_index=True)
+    labels = sorted(rounds["labeled"].unique())  # round 0 included: the AUC covers it
     rounds = rounds[rounds["round"] > 0].assign(target=args.target)
-    labels = sorted(rounds["labeled"].unique())
     lines = summary_table(summary, int(labels[0]), int(labels[-1])) + [""] + cap_table(rounds, args.cap)
     timings = [pd.read_csv(path) for path in sorted((args.folder / "runs").glob("*/timings.csv"))]
     lines += [""] + share_table(runs)

@@ -251,11 +251,15 @@ def plot_learning_curves(runs: pd.DataFrame, path: Path, metric: str = "accuracy
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     measured = runs[runs["evaluated_on"] != "none"] if "evaluated_on" in runs.columns else runs
     groups = list(measured.groupby("strategy", sort=True))
-    # The default cycle repeats after ten colours; more strategies than that each get one of tab20's twenty.
-    colors = plt.get_cmap("tab20").colors if len(groups) > 10 else plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    many = len(groups) > 6  # then the legend goes beside the axes, where it hides no curve, and bands fade
+    fig, ax = plt.subplots(figsize=(9.5 if many else 7, 4.5), dpi=120)
+    # The default cycle repeats after ten colours; more strategies than that each get one of tab20's twenty, its
+    # ten dark shades first (tab20 pairs a dark and a light shade of each hue).
+    tab20 = plt.get_cmap("tab20").colors
+    colors = list(tab20[0::2] + tab20[1::2]) if len(groups) > 10 else plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    last_means: list[float] = []
     for (strategy, rows), color in zip(groups, colors * (len(groups) // len(colors) + 1)):
         stats = rows.groupby("labeled")[metric].agg(["mean", "std", "count"]).fillna(0.0)
         x = stats.index.to_numpy(float)
@@ -264,7 +268,8 @@ def plot_learning_curves(runs: pd.DataFrame, path: Path, metric: str = "accuracy
         # As floats: pandas 2.0 can hand these back as object arrays, which matplotlib refuses.
         mean, std = stats["mean"].to_numpy(float), stats["std"].to_numpy(float)
         ax.plot(x, mean, marker="o", markersize=3, color=color, label=f"{strategy} (n={n_runs}{where})")
-        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2)
+        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.08 if many else 0.2)
+        last_means.append(float(mean[-1]) if len(mean) else float("-inf"))
     if measured.empty:
         ax.text(0.5, 0.5, "no test set: accuracy was not measured", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("labeled samples")
@@ -273,7 +278,11 @@ def plot_learning_curves(runs: pd.DataFrame, path: Path, metric: str = "accuracy
     ax.set_title("Learning curves (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     if not measured.empty:
-        ax.legend(fontsize=8)
+        # Highest last point first: the legend reads as the ranking at the largest labeled count.
+        handles, labels = ax.get_legend_handles_labels()
+        order = sorted(range(len(labels)), key=lambda i: -last_means[i])
+        placement = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {}
+        ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8, **placement)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
