@@ -315,16 +315,8 @@ def _whiten_by_fisher_start(pool: torch.Tensor, labeled: Optional[torch.Tensor],
     if opts.fisher is not None:
         fisher = opts.fisher.to(device=device, dtype=work)
     else:
-        fisher = torch.zeros(d, d, dtype=work, device=device)
-        done = 0
-        for part in parts:
-            for start in range(0, part.shape[0], chunk):
-                flat = part[start : start + chunk].to(device=device, dtype=work).reshape(-1, d)
-                fisher.addmm_(flat.T, flat)
-                done += flat.shape[0] // part.shape[1]
-                _report(opts.progress, "fisher-greedy: pool Fisher", done, total)
-        distributed.all_reduce_sum(fisher)
-        fisher /= blocks.total + blocks.num_labeled
+        fisher = _mean_outer_product([_Embeddings(part, work, device, resident=False) for part in parts], chunk,
+                                     blocks.total + blocks.num_labeled, opts.progress)
     start_matrix = fisher * opts.lamb
     start_matrix.diagonal().add_(opts.lamb * M0_FISHER_RIDGE * float(fisher.diagonal().sum()) / d)
     factor, info = torch.linalg.cholesky_ex(start_matrix)
@@ -351,6 +343,22 @@ def _whiten_by_fisher_start(pool: torch.Tensor, labeled: Optional[torch.Tensor],
         return out
 
     return whiten(pool), None if labeled is None else whiten(labeled), whitened_fisher
+
+
+def _mean_outer_product(parts: list[_Embeddings], chunk: int, count: int,
+                        progress: Optional[ProgressFn]) -> torch.Tensor:
+    """F = sum of V^T V over every rank's rows of ``parts``, divided by ``count`` (D x D, in the parts' dtype)."""
+    d = parts[0].tensor.shape[-1]
+    dense = torch.zeros(d, d, dtype=parts[0].dtype, device=parts[0].device)
+    local_total, done = sum(part.n for part in parts), 0
+    for part in parts:
+        for start, stop, block in part.chunks(chunk):
+            flat = block.reshape(-1, d)
+            dense.addmm_(flat.T, flat)
+            done += stop - start
+            _report(progress, "fisher-greedy: pool Fisher", done, local_total)
+    distributed.all_reduce_sum(dense)
+    return dense.div_(count)
 
 
 def _report(progress: Optional[ProgressFn], task: str, done: int, total: int) -> None:
@@ -586,18 +594,8 @@ class _Engine:
             return _FisherOperator(self._parts(), fisher.to(device=self.device, dtype=self.dtype), chunk)
         if not self.plan.dense_fisher:
             return _FisherOperator(self._parts(), None, chunk)
-        dense = torch.zeros(self.d, self.d, dtype=self.dtype, device=self.device)
-        local_total = sum(part.n for part in self._parts())
-        done = 0
-        for part in self._parts():
-            for start, stop, block in part.chunks(chunk):
-                flat = block.reshape(-1, self.d)
-                dense.addmm_(flat.T, flat)
-                done += stop - start
-                self._report("fisher-greedy: pool Fisher", done, local_total)
-        distributed.all_reduce_sum(dense)
-        dense /= self.total_candidates + self.num_labeled  # symmetric up to rounding; G, H built from it are symmetrized
-        return _FisherOperator(self._parts(), dense, chunk)
+        dense = _mean_outer_product(self._parts(), chunk, self.total_candidates + self.num_labeled, self.progress)
+        return _FisherOperator(self._parts(), dense, chunk)  # symmetric up to rounding; G, H are symmetrized
 
     def _initial_inverse(self) -> torch.Tensor:
         if self.num_labeled == 0:
