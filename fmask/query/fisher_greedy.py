@@ -317,6 +317,8 @@ def _whiten_by_fisher_start(pool: torch.Tensor, labeled: Optional[torch.Tensor],
     else:
         fisher = _mean_outer_product([_Embeddings(part, work, device, resident=False) for part in parts], chunk,
                                      blocks.total + blocks.num_labeled, opts.progress)
+    # Two D x D float64 steps with no natural progress (a Cholesky, two triangular solves): a line before and after.
+    _report(opts.progress, "fisher-greedy: factoring lamb F", 0, 1)
     start_matrix = fisher * opts.lamb
     start_matrix.diagonal().add_(opts.lamb * M0_FISHER_RIDGE * float(fisher.diagonal().sum()) / d)
     factor, info = torch.linalg.cholesky_ex(start_matrix)
@@ -327,6 +329,7 @@ def _whiten_by_fisher_start(pool: torch.Tensor, labeled: Optional[torch.Tensor],
         factor, torch.linalg.solve_triangular(factor, fisher, upper=False).mT, upper=False)
     whitened_fisher = _symmetrize(whitened_fisher).to(dtype)
     del fisher
+    _report(opts.progress, "fisher-greedy: factoring lamb F", 1, 1)
     target = device if plan.resident else pool.device
     done = 0
 
